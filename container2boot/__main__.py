@@ -1,0 +1,3 @@
+from container2boot.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""The `c2boot` command: a thin layer that turns options (generated from config.SETTINGS) into a Config and
+hands it to the pipeline. Errors become one line on stderr and a non-zero exit."""
+
+import inspect
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from container2boot import __version__
+from container2boot.config import SETTINGS, Command, Config, load_config_file, make_config
+from container2boot.errors import C2BootError
+from container2boot.log import logger, setup_logging
+
+app = typer.Typer(
+    help="Turn a container image into a bootable disk image, as a normal user: no sudo, no loop devices, "
+    "no mounts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def _annotation(kind: type, repeatable: bool) -> Any:
+    if repeatable:
+        return Optional[list[kind]]  # type: ignore[valid-type]  # noqa: UP045 (typer needs typing.Optional)
+    return Optional[kind]  # noqa: UP045
+
+
+def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command one option per setting of the table that applies to it, plus --config; the wrapped
+    function receives the merged Config as `config`."""
+
+    def decorate(func: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(func)
+        params = [p for p in own.parameters.values() if p.name != "config"]
+        annotations = {p.name: func.__annotations__[p.name] for p in params}
+        for setting in (s for s in SETTINGS if command in s.commands):
+            choices = f" One of: {', '.join(setting.choices)}." if setting.choices else ""
+            default_note = "" if setting.default in (None, False, (), "") else f" (default: {setting.default})"
+            option = typer.Option(
+                None, *setting.flags, help=setting.help + choices + default_note, show_default=False,
+                metavar=setting.metavar, rich_help_panel=setting.panel,
+                is_flag=True if setting.kind is bool else None,
+            )
+            annotation = _annotation(setting.kind, setting.repeatable)
+            params.append(inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=annotation))
+            annotations[setting.name] = annotation
+        config_option = typer.Option(None, "--config", help="TOML file with settings, keyed by long option "
+                                     "name (e.g. base-image = \"...\"). Options given on the command line win.",
+                                     metavar="FILE", rich_help_panel="Output")
+        params.append(inspect.Parameter("config_file", inspect.Parameter.KEYWORD_ONLY, default=config_option,
+                                        annotation=Optional[Path]))  # noqa: UP045
+        annotations["config_file"] = Optional[Path]  # noqa: UP045
+
+        def wrapper(**kwargs: Any) -> None:
+            config_file = kwargs.pop("config_file")
+            values = {s.name: kwargs.pop(s.name) for s in SETTINGS if command in s.commands}
+            setup_logging(bool(values.get("verbose")))
+            try:
+                file_values = load_config_file(config_file, command) if config_file else {}
+                config = make_config(values, file_values, source=_source_from_environment())
+                func(config=config, **kwargs)
+            except C2BootError as e:
+                logger.error("c2boot: error: %s", e)
+                raise typer.Exit(EXIT_ERROR) from None
+            except KeyboardInterrupt:
+                logger.error("c2boot: interrupted; nothing was written and temporary containers were removed")
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+
+        wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = annotations
+        wrapper.__doc__ = func.__doc__
+        wrapper.__name__ = func.__name__
+        return wrapper
+
+    return decorate
+
+
+def _source_from_environment() -> dict[str, str]:
+    """The host tells the rootbuilder which image it mounted, for the manifest."""
+    keys = {"C2BOOT_SOURCE_IMAGE": "image", "C2BOOT_SOURCE_DIGEST": "digest", "C2BOOT_SOURCE_ID": "id"}
+    return {name: os.environ[key] for key, name in keys.items() if os.environ.get(key)}
+
+
+def _report(result_output: Path, diskimage: bool) -> None:
+    logger.info("==> Done: %s/esp/%s", result_output, " and disk.img" if diskimage else "")
+
+
+@app.command()
+@with_settings("build")
+def build(config: Config) -> None:
+    """Build a machine image with podman and make it bootable (outputs in --output).
+
+    \b
+    c2boot build --diskimage                                # the bundled example machine
+    c2boot build -f Containerfile --secret id=chpass,src=./creds --diskimage
+    c2boot build --image localhost/my/machine:latest --diskimage
+    """
+    from container2boot.pipeline import build as run_build
+
+    result = run_build(config)
+    _report(result.output, result.disk is not None)
+
+
+@app.command()
+@with_settings("assemble")
+def assemble(
+    rootfs: Path = typer.Argument(..., help="The machine's root filesystem: a directory or a tar "
+                                  "(e.g. from `podman export`).", show_default=False),
+    *,
+    config: Config,
+) -> None:
+    """Make the outputs from a rootfs with the tools on this system (the stage that runs in the rootbuilder).
+
+    \b
+    c2boot assemble ./rootfs.tar -o out --diskimage
+    podman run --rm --mount=type=image,source=IMG,target=/rootfs -v ./out:/out:rw,Z ROOTBUILDER --diskimage
+    """
+    from container2boot.pipeline import assemble as run_assemble
+
+    result = run_assemble(rootfs, config)
+    _report(result.output, result.disk is not None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"container2boot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """Turn a container image into a bootable disk image, as a normal user."""
+
+
+def main() -> None:
+    app(prog_name="c2boot")
+
+
+if __name__ == "__main__":
+    main()

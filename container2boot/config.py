@@ -1,0 +1,161 @@
+"""Settings: one table drives the CLI options, the config file, the defaults and the help text.
+
+The CLI (or a program using the Python API) turns the table into one immutable `Config`; every stage reads from it
+and nothing writes back to it.
+"""
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from container2boot.errors import C2BootError
+
+COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
+DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+Command = Literal["build", "assemble"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing setting: its CLI flags, config-file key, type, default and help."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    flags: tuple[str, ...]
+    commands: frozenset[Command]
+    repeatable: bool = False
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    panel: str = "Output"
+
+    @property
+    def key(self) -> str:
+        """The config-file key: the long flag without dashes."""
+        return self.flags[0].removeprefix("--")
+
+
+BOTH: frozenset[Command] = frozenset({"build", "assemble"})
+BUILD: frozenset[Command] = frozenset({"build"})
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("output", Path, Path("out"), "Directory to write esp/, disk.img and manifest.json into.",
+            ("--output", "-o"), BOTH, metavar="DIR"),
+    Setting("diskimage", bool, False, "Also write disk.img: a GPT disk with the ESP, made by systemd-repart.",
+            ("--diskimage",), BOTH),
+    Setting("force", bool, False, "Replace the outputs in an existing, non-empty output directory.",
+            ("--force",), BOTH),
+    Setting("compression", str, "zstd", "Compression of the root image (squashfs.img).",
+            ("--compression",), BOTH, choices=COMPRESSIONS, panel="Boot"),
+    Setting("cmdline", str, "", "Extra kernel arguments, appended to the defaults (live root, serial console).",
+            ("--cmdline",), BOTH, metavar="ARGS", panel="Boot"),
+    Setting("image", str, None, "Use this existing image instead of building one (e.g. localhost/my/machine:latest).",
+            ("--image",), BUILD, metavar="REF", panel="Machine image"),
+    Setting("containerfile", Path, None, "Build the machine image from this Containerfile "
+            "(default: the bundled example machine).", ("--file", "-f"), BUILD, metavar="FILE",
+            panel="Machine image"),
+    Setting("context", Path, None, "Build context for --file (default: the Containerfile's directory).",
+            ("--context",), BUILD, metavar="DIR", panel="Machine image"),
+    Setting("secrets", str, (), "Build secret for the machine image, as for podman build "
+            "(e.g. id=chpass,src=./creds). Repeatable.", ("--secret",), BUILD, repeatable=True,
+            metavar="id=ID,src=PATH", panel="Machine image"),
+    Setting("base_image", str, DEFAULT_BASE_IMAGE, "Base image for the bundled Containerfiles. When it is neither "
+            "present nor pullable, it is bootstrapped with mmdebstrap.", ("--base-image",), BUILD, metavar="REF",
+            panel="Machine image"),
+    Setting("mirror", str, DEFAULT_MIRROR, "Debian mirror for bootstrapping the base image with mmdebstrap.",
+            ("--mirror",), BUILD, metavar="URL", panel="Machine image"),
+    Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
+            ("--verbose", "-v"), BOTH),
+)
+SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything one build needs, decided before the first stage runs."""
+
+    output: Path = Path("out")
+    diskimage: bool = False
+    force: bool = False
+    compression: str = "zstd"
+    cmdline: str = ""
+    image: str | None = None
+    containerfile: Path | None = None
+    context: Path | None = None
+    secrets: tuple[str, ...] = ()
+    base_image: str = DEFAULT_BASE_IMAGE
+    mirror: str = DEFAULT_MIRROR
+    verbose: bool = False
+    # Not user settings: where the machine image came from, recorded in the manifest by the assemble stage.
+    source: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise C2BootError(f"unknown compression {self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
+        if self.image and self.containerfile:
+            raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
+        if self.context and not self.containerfile:
+            raise C2BootError("--context only applies with --file")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_defaults_match() -> None:
+    """The table and the dataclass must agree; a mismatch is a programming error caught at import."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for setting in SETTINGS:
+        declared = fields[setting.name].default
+        assert declared == setting.default, f"{setting.name}: table default {setting.default!r} != {declared!r}"
+
+
+_check_defaults_match()
+
+
+def load_config_file(path: Path, command: Command) -> dict[str, Any]:
+    """Read a TOML config file whose keys are the long option names (e.g. `base-image = "..."`)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise C2BootError(f"config file {path} not found: check the --config path") from None
+    except tomllib.TOMLDecodeError as e:
+        raise C2BootError(f"config file {path} is not valid TOML: {e}") from None
+    by_key = {s.key: s for s in SETTINGS if command in s.commands}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        setting = by_key.get(key)
+        if setting is None:
+            raise C2BootError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(sorted(by_key))}")
+        values[setting.name] = _coerce(setting, value, f"config file {path}: {key}")
+    return values
+
+
+def _coerce(setting: Setting, value: Any, where: str) -> Any:
+    if setting.repeatable:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise C2BootError(f"{where} must be a list of strings")
+        return tuple(value)
+    if setting.kind is bool and not isinstance(value, bool):
+        raise C2BootError(f"{where} must be true or false")
+    if setting.kind is Path:
+        return Path(value)
+    if not isinstance(value, setting.kind):
+        raise C2BootError(f"{where} must be a {setting.kind.__name__}")
+    return value
+
+
+def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | None = None,
+                **extra: Any) -> Config:
+    """CLI values win over the config file, which wins over the defaults. None means 'not given'."""
+    merged: dict[str, Any] = dict(file_values or {})
+    for name, value in cli_values.items():
+        if value is None or (SETTINGS_BY_NAME[name].repeatable and not value):
+            continue
+        merged[name] = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+    return Config(**merged, **extra)

@@ -1,0 +1,53 @@
+"""The initrd: the machine image's own dracut, run inside the image's rootfs, with the live-boot modules.
+
+dracut must run from the image (its modules, binaries and kernel modules must match), but the rootfs is read-only
+(an image mount) and we have no privileges. A new user and mount namespace gives us both: the rootfs is
+bind-mounted read-only with tmpfs on /tmp and /var/tmp (dracut's only writes), /dev, /proc and /sys are bound in,
+and dracut runs chrooted. This works as a normal user and inside a rootless container with default capabilities.
+(An overlay over the image mount would exceed the kernel's filesystem stacking depth.)
+"""
+
+from pathlib import Path
+
+from container2boot.rootfs import RootfsInfo
+from container2boot.run import run
+
+# Drivers a VM, a laptop and a USB stick need to find and mount the ESP and the root image. nls_ascii is Debian's
+# default FAT iocharset: without it the ESP mount fails.
+LIVE_DRIVERS = (
+    "virtio_blk virtio_scsi virtio_pci sd_mod sr_mod ahci nvme usb_storage uas xhci_pci xhci_hcd ehci_pci "
+    "ohci_pci uhci_hcd vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs erofs overlay loop"
+)
+
+# $1 rootfs, $2 scratch directory, $3 destination file, then the dracut command line.
+SANDBOX_SCRIPT = r"""
+set -eu
+rootfs=$1 scratch=$2 dest=$3; shift 3
+mkdir -p "$scratch/root"
+mount --rbind "$rootfs" "$scratch/root"
+mount -t tmpfs tmpfs "$scratch/root/tmp"
+mount -t tmpfs tmpfs "$scratch/root/var/tmp"
+for d in dev proc sys; do mount --rbind "/$d" "$scratch/root/$d"; done
+chroot "$scratch/root" "$@" /tmp/initrd.img
+cp "$scratch/root/tmp/initrd.img" "$dest"
+chmod 0644 "$dest"
+"""
+
+
+def dracut_command(info: RootfsInfo) -> list[str]:
+    modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
+    return [
+        "dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline",
+        "--kver", info.kernel.version,
+        "--add", " ".join(modules),
+        "--add-drivers", LIVE_DRIVERS,
+    ]
+
+
+def build_initrd(info: RootfsInfo, dest: Path, scratch: Path) -> None:
+    """Write the initrd for the image's newest kernel to `dest`."""
+    run([
+        "unshare", "--user", "--map-root-user", "--mount", "--",
+        "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", info.root.absolute(), scratch.absolute(), dest.absolute(),
+        *dracut_command(info),
+    ])

@@ -1,0 +1,74 @@
+"""manifest.json: what was built from what, with which tools, how long it took, and every artifact's checksum."""
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from container2boot import __version__
+from container2boot.rootfs import RootfsInfo
+from container2boot.run import tool_version_line
+
+MANIFEST_VERSION = 1
+ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "grub-mkimage", "mcopy")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifacts(out: Path) -> list[dict[str, Any]]:
+    """Every file under `out` except the manifest itself, with size and sha256."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return [{"path": str(p.relative_to(out)), "size": p.stat().st_size, "sha256": sha256(p)} for p in files]
+
+
+def dracut_version(root: Path) -> str | None:
+    version_file = root / "usr/lib/dracut/dracut-version.sh"
+    if version_file.is_file():
+        for line in version_file.read_text().splitlines():
+            if line.startswith("DRACUT_VERSION="):
+                return line.partition("=")[2].strip("\"'")
+    return None
+
+
+def build_manifest(
+    out: Path,
+    *,
+    info: RootfsInfo,
+    source: dict[str, str],
+    cmdline: str,
+    bootloader: str,
+    compression: str,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
+    tools["dracut (image)"] = dracut_version(info.root)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "container2boot": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source,
+        "os_release": {k: info.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in info.os_release},
+        "kernel": {"version": info.kernel.version, "cmdline": cmdline},
+        "boot": {"firmware": ["uefi"], "bootloader": bootloader, "root_image": f"squashfs ({compression})"},
+        "tools": tools,
+        "artifacts": artifacts(out),
+        "timings_seconds": timings,
+    }
+
+
+def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
+    path = out / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((out / "manifest.json").read_text())
+    return data

@@ -1,0 +1,371 @@
+"""Rootless podman through podman-py: the API service, the base image, the rootbuilder and machine images,
+and the assemble container. Everything started here is stopped and removed again, also on Ctrl-C."""
+
+import fnmatch
+import getpass
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from podman import PodmanClient
+from podman.errors import APIError, ImageNotFound, PodmanError
+
+from container2boot.config import Config
+from container2boot.errors import C2BootError
+from container2boot.log import StageTimer, logger
+from container2boot.run import check_version, require_tool
+
+ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
+EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
+CUSTOM_MACHINE_TAG = "localhost/container2boot/custom:latest"
+SERVICE_START_SECONDS = 30
+CONTEXT_IGNORE = ("__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache")
+DEMO_USER = "demo"
+
+
+@dataclass(frozen=True)
+class MachineImage:
+    reference: str
+    image_id: str
+    digest: str | None
+
+
+def containerfiles() -> Path:
+    return Path(str(resources.files("container2boot") / "containerfiles"))
+
+
+def socket_candidates() -> list[str]:
+    if host := os.environ.get("CONTAINER_HOST"):
+        return [host]
+    if os.geteuid() == 0:
+        return ["unix:///run/podman/podman.sock"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.geteuid()}")
+    return [f"unix://{runtime}/podman/podman.sock"]
+
+
+def check_subordinate_ids(user: str, uid: int) -> None:
+    """Rootless podman maps the image's users to the ranges in /etc/subuid and /etc/subgid."""
+    for kind in ("subuid", "subgid"):
+        path = Path(f"/etc/{kind}")
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not any(line.split(":")[0] in (user, str(uid)) for line in lines if line.count(":") == 2):
+            raise C2BootError(
+                f"no {kind} range for {user} in {path}, which rootless podman needs: run `sudo usermod "
+                f"--add-subuids 100000-165535 --add-subgids 100000-165535 {user}` and `podman system migrate`"
+            )
+
+
+def parse_secret(spec: str) -> tuple[str, Path]:
+    """`id=ID,src=PATH` (podman build --secret syntax) -> (ID, absolute PATH), checked to exist."""
+    fields = dict(part.partition("=")[::2] for part in spec.split(","))
+    if "id" not in fields or "src" not in fields:
+        raise C2BootError(f"--secret {spec!r}: write it as id=ID,src=PATH")
+    src = Path(fields["src"]).expanduser().absolute()
+    if not src.is_file():
+        raise C2BootError(f"--secret {spec!r}: {src} is not a readable file")
+    return fields["id"], src
+
+
+def debian_suite(reference: str) -> str | None:
+    """'docker.io/library/debian:trixie' -> 'trixie': the bases we can bootstrap with mmdebstrap."""
+    name, _, tag = reference.rpartition(":")
+    if "/" in tag or name.split("/")[-1] != "debian":
+        return None
+    return tag or None
+
+
+def context_tar(context: Path, containerfile: Path, dest: Path, extra: Mapping[str, Path]) -> str:
+    """Tar the build context plus the Containerfile and `extra` files (under private names); returns the
+    Containerfile's name. The API service resolves build secrets inside the context it receives (and moves them
+    out of it before the build), so secret files travel as `extra`."""
+    ignore = [*CONTEXT_IGNORE, *_containerignore(context)]
+    name = ".c2boot-containerfile"
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        return None if any(fnmatch.fnmatch(p, pat) for p in parts for pat in ignore) else info
+
+    with tarfile.open(dest, "w") as tar:
+        tar.add(context, arcname=".", filter=keep)
+        tar.add(containerfile, arcname=name)
+        for arcname, path in extra.items():
+            tar.add(path, arcname=arcname)
+    return name
+
+
+def _containerignore(context: Path) -> list[str]:
+    for name in (".containerignore", ".dockerignore"):
+        path = context / name
+        if path.is_file():
+            return [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return []
+
+
+def tree_digest(root: Path, extra: str = "") -> str:
+    """Content hash of a directory tree: the rootbuilder is rebuilt exactly when its build context changes."""
+    digest = hashlib.sha256(extra.encode())
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Session:
+    """A connected podman client, plus the scratch space of one build."""
+
+    def __init__(self, client: Any, scratch: Path) -> None:
+        self.client = client
+        self.scratch = scratch
+
+    # Images -----------------------------------------------------------------------------------------------
+
+    def image(self, reference: str) -> MachineImage | None:
+        try:
+            image = self.client.images.get(reference)
+        except ImageNotFound:
+            return None
+        digests = image.attrs.get("RepoDigests") or []
+        return MachineImage(reference, image.id, image.attrs.get("Digest") or (digests[0] if digests else None))
+
+    def pull(self, reference: str) -> MachineImage | None:
+        """Try to pull; podman-py hides failures (an empty image), so check what came back."""
+        if reference.startswith("localhost/"):
+            return None
+        logger.info("    pulling %s", reference)
+        try:
+            self.client.images.pull(reference)
+        except (APIError, PodmanError) as e:
+            logger.debug("    pull failed: %s", e)
+        return self.image(reference)
+
+    def ensure_base_image(self, reference: str, mirror: str) -> None:
+        """The base of the bundled Containerfiles: present, pulled, or bootstrapped with mmdebstrap."""
+        if self.image(reference) or self.pull(reference):
+            return
+        suite = debian_suite(reference)
+        if suite is None:
+            raise C2BootError(f"base image {reference} is not present and cannot be pulled: pull it first, or "
+                              "use --base-image with a Debian image (e.g. debian:trixie) to bootstrap it locally")
+        logger.info("    no registry answered: bootstrapping Debian %s from %s with mmdebstrap", suite, mirror)
+        argv = [require_tool("mmdebstrap"), "--variant=minbase", "--include=ca-certificates", "--quiet",
+                suite, "-", mirror]
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+            try:
+                response = self.client.api.post("/images/import", params={"reference": reference},
+                                                data=process.stdout, headers={"Content-type": "application/x-tar"})
+            finally:
+                assert process.stdout is not None
+                process.stdout.close()
+                returncode = process.wait()
+            if returncode != 0 or response.status_code >= 400:
+                errors.seek(0)
+                tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise C2BootError(f"bootstrapping {reference} with mmdebstrap failed: {' | '.join(tail)} "
+                                  f"(check that --mirror {mirror} is reachable)")
+
+    def build_image(self, context: Path, containerfile: Path, tag: str, buildargs: Mapping[str, str],
+                    secrets: Sequence[str] = ()) -> None:
+        """podman build through the API, printing each STEP as it starts; a failure names the failing step."""
+        tar_path = self.scratch / f"context-{secrets_token()}.tar"
+        secret_files = {f".c2boot-secret-{i}": src for i, src in map(parse_secret, secrets)}
+        name = context_tar(context, containerfile, tar_path, secret_files)
+        params = {
+            "dockerfile": name, "t": tag, "rm": True, "forcerm": True, "layers": True,
+            "buildargs": json.dumps(dict(buildargs)),
+            "secrets": json.dumps([f"id={n.removeprefix('.c2boot-secret-')},src={n}" for n in secret_files]),
+        }
+        before = self._external_containers()
+        last: list[str] = []
+        try:
+            with tar_path.open("rb") as body:
+                response = self.client.api.post("/build", params=params, data=body, stream=True,
+                                                headers={"Content-type": "application/x-tar"})
+                if response.status_code >= 400:
+                    answer = json.loads(response.text or "{}").get("message", response.text)
+                    raise C2BootError(f"podman refused to build {tag}: {answer}")
+                for raw in response.iter_lines():
+                    message = json.loads(raw)
+                    if "error" in message:
+                        raise C2BootError(f"building {tag} failed: {message['error'].strip()} "
+                                          f"(last output: {' | '.join(last[-3:])})")
+                    for line in message.get("stream", "").splitlines():
+                        if line.startswith("STEP "):
+                            logger.info("    %s", line[:140])
+                        elif line.strip():
+                            logger.debug("    %s", line)
+                            last.append(line.strip())
+            if self.image(tag) is None:
+                raise C2BootError(f"building {tag} produced no image (last output: {' | '.join(last[-3:])})")
+        except BaseException:
+            self._remove_new_external_containers(before)
+            raise
+        finally:
+            tar_path.unlink(missing_ok=True)
+
+    def _external_containers(self) -> set[str]:
+        """Working containers of buildah (not listed by the API), left behind by a failed build."""
+        out = subprocess.run(["podman", "ps", "--all", "--external", "--quiet", "--no-trunc"],
+                             capture_output=True, text=True, check=False).stdout
+        return set(out.split())
+
+    def _remove_new_external_containers(self, before: set[str]) -> None:
+        for container in self._external_containers() - before:
+            subprocess.run(["podman", "rm", "--force", container], capture_output=True, check=False)
+
+    def rootbuilder_image(self, base_image: str, mirror: str) -> str:
+        """The toolbox image with this container2boot inside, tagged by the hash of its build context."""
+        context = self.scratch / "rootbuilder"
+        package = Path(str(resources.files("container2boot")))
+        shutil.copytree(package, context / "container2boot", ignore=shutil.ignore_patterns(*CONTEXT_IGNORE))
+        shutil.copyfile(containerfiles() / "Containerfile.rootbuilder", context / "Containerfile.rootbuilder")
+        tag = f"{ROOTBUILDER_REPO}:{tree_digest(context, base_image)[:16]}"
+        if self.image(tag):
+            logger.info("    %s is up to date", tag)
+            return tag
+        self.ensure_base_image(base_image, mirror)
+        self.build_image(context, context / "Containerfile.rootbuilder", tag, {"BASE": base_image})
+        return tag
+
+    def machine_image(self, config: Config, timer: StageTimer) -> MachineImage:
+        """The image to boot: --image as given (or pulled), else built from --file or the bundled example."""
+        if config.image:
+            with timer.stage("machine", f"Looking up {config.image}"):
+                found = self.image(config.image) or self.pull(config.image)
+            if found is None:
+                raise C2BootError(f"image {config.image} not found locally and could not be pulled: check the "
+                                  "name with `podman images`, or build it first")
+            return found
+        example = config.containerfile is None
+        containerfile = containerfiles() / "Containerfile.machine" if example else config.containerfile
+        assert containerfile is not None
+        if not containerfile.is_file():
+            raise C2BootError(f"Containerfile {containerfile} not found: check the --file path")
+        context = config.context or containerfile.parent
+        tag = EXAMPLE_MACHINE_TAG if example else CUSTOM_MACHINE_TAG
+        build_secrets = list(config.secrets)
+        with timer.stage("machine", f"Building the machine image {tag} from {containerfile}"):
+            if example:
+                self.ensure_base_image(config.base_image, config.mirror)
+                if not any(parse_secret(s)[0] == "chpass" for s in build_secrets):
+                    build_secrets.append(self._demo_credentials())
+            self.build_image(context, containerfile, tag, {"BASE": config.base_image} if example else {},
+                             build_secrets)
+        found = self.image(tag)
+        assert found is not None
+        return found
+
+    def _demo_credentials(self) -> str:
+        """A fresh password for the example's demo user, shown once; it never enters an image layer."""
+        password = secrets_token()
+        creds = self.scratch / "chpass"
+        creds.write_text(f"{DEMO_USER}:{password}\n")
+        creds.chmod(0o600)
+        logger.info("    no --secret id=chpass given: the demo user's password is %s", password)
+        return f"id=chpass,src={creds}"
+
+    # The assemble container ---------------------------------------------------------------------------------
+
+    def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config) -> None:
+        """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs."""
+        args = ["--compression", config.compression]
+        args += ["--diskimage"] if config.diskimage else []
+        args += ["--cmdline", config.cmdline] if config.cmdline else []
+        args += ["--verbose"] if config.verbose else []
+        container = self.client.containers.create(
+            rootbuilder,
+            command=args,
+            image_volumes=[{"source": image.image_id, "destination": "/rootfs", "rw": False}],
+            mounts=[{"type": "bind", "source": str(staging), "target": "/out"}],
+            environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
+                         "C2BOOT_SOURCE_ID": image.image_id},
+            labels={"io.container2boot.role": "assemble"},
+        )
+        last_line = ""
+        try:
+            container.start()
+            for chunk in container.logs(stream=True, follow=True):
+                for line in chunk.decode(errors="replace").splitlines():
+                    logger.info("%s", line)
+                    last_line = line or last_line
+            status = container.wait()
+            code = status if isinstance(status, int) else status.get("StatusCode", 1)
+            if code != 0:
+                detail = last_line.removeprefix("c2boot: error: ")
+                raise C2BootError(detail or f"the assemble container exited with status {code}")
+        finally:
+            try:
+                container.remove(force=True)
+            except (APIError, PodmanError) as e:
+                logger.warning("could not remove container %s: %s", container.id[:12], e)
+
+
+def secrets_token() -> str:
+    return secrets.token_urlsafe(12)
+
+
+@contextmanager
+def api_service() -> Iterator[PodmanClient]:
+    """A client for the user's podman API socket; when none answers, a private service for this build."""
+    for url in socket_candidates():
+        client = PodmanClient(base_url=url)
+        try:
+            if client.ping():
+                yield client
+                return
+        except (APIError, PodmanError, OSError) as e:
+            logger.debug("no podman API at %s: %s", url, e)
+        client.close()  # type: ignore[no-untyped-call]
+    with tempfile.TemporaryDirectory(prefix="c2boot-podman-") as tmp:
+        socket = Path(tmp) / "podman.sock"
+        log = (Path(tmp) / "service.log").open("w+")
+        logger.debug("$ podman system service --time=0 unix://%s", socket)
+        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"],
+                                   stdout=log, stderr=log, start_new_session=True)
+        client = PodmanClient(base_url=f"unix://{socket}")
+        try:
+            deadline = time.monotonic() + SERVICE_START_SECONDS
+            while not _answers(client):
+                if service.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise C2BootError(f"podman system service did not start: {log.read().strip()[-300:]} "
+                                      "(run `c2boot` as the user whose podman storage you want to use)")
+                time.sleep(0.2)
+            yield client
+        finally:
+            client.close()  # type: ignore[no-untyped-call]
+            service.terminate()
+            try:
+                service.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                service.kill()
+            log.close()
+
+
+def _answers(client: PodmanClient) -> bool:
+    try:
+        return bool(client.ping())
+    except (APIError, PodmanError, OSError):
+        return False
+
+
+@contextmanager
+def session() -> Iterator[Session]:
+    """Check podman, connect (starting a service if needed), and clean up everything afterwards."""
+    require_tool("podman")
+    check_version("podman")
+    if os.geteuid() != 0:
+        check_subordinate_ids(getpass.getuser(), os.geteuid())
+    with api_service() as client, tempfile.TemporaryDirectory(prefix="c2boot-build-") as scratch:
+        yield Session(client, Path(scratch))

@@ -1,0 +1,149 @@
+"""The one way container2boot runs an external tool, and the one place that knows which versions it needs."""
+
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+
+from container2boot.errors import C2BootError
+from container2boot.log import logger
+
+# Oldest versions that do what we ask of them. systemd-repart gained --offline (building without loop devices,
+# as a normal user) in 254.
+MIN_VERSIONS: Mapping[str, tuple[int, ...]] = {
+    "systemd-repart": (254,),
+    "podman": (4, 3),
+}
+
+# What provides each tool, for the "install it" hint.
+PACKAGES: Mapping[str, str] = {
+    "systemd-repart": "systemd-repart (Debian trixie or newer) / systemd-repart (Fedora)",
+    "tar2sqfs": "squashfs-tools-ng",
+    "mkfs.erofs": "erofs-utils",
+    "grub-mkimage": "grub-efi-amd64-bin (Debian) / grub2-tools (Fedora)",
+    "mcopy": "mtools",
+    "mkfs.vfat": "dosfstools",
+    "unshare": "util-linux",
+    "podman": "podman",
+    "mmdebstrap": "mmdebstrap",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "tar": "tar",
+}
+
+ERROR_TAIL_LINES = 8
+
+
+def require_tool(name: str) -> str:
+    """Path of `name`, or an error that says which package to install."""
+    path = shutil.which(name)
+    if path is None:
+        package = PACKAGES.get(name, name)
+        raise C2BootError(f"{name} not found: install {package} (or run inside the rootbuilder container)")
+    return path
+
+
+def run(
+    argv: Sequence[str | Path],
+    *,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    capture: bool = False,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
+
+    Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
+    `capture` keeps stdout in the result for the caller.
+    """
+    args = [str(a) for a in argv]
+    tool = Path(args[0]).name
+    require_tool(args[0])
+    logger.debug("$ %s", shlex.join(args))
+    try:
+        result = subprocess.run(
+            args,
+            stdin=stdin,
+            stdout=subprocess.PIPE if capture or stdout is None else stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            check=False,
+        )
+    except OSError as e:
+        raise C2BootError(f"{tool} could not be started: {e}") from e
+    if result.returncode != 0:
+        raise C2BootError(failure_message(tool, result.returncode, (result.stdout or "") + (result.stderr or "")))
+    if not capture and result.stdout:
+        logger.debug("%s", result.stdout.rstrip())
+    return result
+
+
+def run_pipe(producer: Sequence[str | Path], consumer: Sequence[str | Path]) -> None:
+    """Run `producer | consumer`; a failure of either side is reported like `run()` does."""
+    first = [str(a) for a in producer]
+    require_tool(first[0])
+    logger.debug("$ %s | %s", shlex.join(first), shlex.join(str(a) for a in consumer))
+    with tempfile.TemporaryFile(mode="w+") as producer_stderr:
+        process = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=producer_stderr, text=True)
+        assert process.stdout is not None
+        try:
+            run(consumer, stdin=process.stdout.fileno())
+        finally:
+            process.stdout.close()
+            if process.wait() != 0 and process.returncode != -13:  # SIGPIPE: the consumer already failed
+                producer_stderr.seek(0)
+                raise C2BootError(failure_message(Path(first[0]).name, process.returncode, producer_stderr.read()))
+
+
+def failure_message(tool: str, returncode: int, output: str) -> str:
+    """'TOOL failed (exit N): last lines' on one line, so that it fits the one-line error promise."""
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    tail = " | ".join(lines[-ERROR_TAIL_LINES:]) or "no output"
+    hint = ": free some space, then try again" if "No space left on device" in output else ""
+    return f"{tool} failed (exit {returncode}): {tail}{hint}"
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """First dotted number in a tool's --version output: 'systemd 257 (257.9-1)' -> (257,)."""
+    match = re.search(r"(?<![\w.])(\d+(?:\.\d+)*)", text)
+    if match is None:
+        raise C2BootError(f"cannot read a version number from {text.strip()[:80]!r}")
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+@cache
+def tool_version_line(name: str) -> str | None:
+    """First line of `name --version`, or None when the tool is not installed."""
+    if shutil.which(name) is None:
+        return None
+    try:
+        result = run([name, "--version"], capture=True)
+    except C2BootError:
+        return None
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else None
+
+
+def tool_version(name: str) -> tuple[int, ...]:
+    line = tool_version_line(name)
+    if line is None:
+        require_tool(name)
+    return parse_version(line or "")
+
+
+def check_version(name: str, version: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Fail unless `name` is at least MIN_VERSIONS[name]; returns the version found."""
+    found = tool_version(name) if version is None else version
+    needed = MIN_VERSIONS[name]
+    if found < needed:
+        raise C2BootError(
+            f"{name} {'.'.join(map(str, found))} is too old, container2boot needs {'.'.join(map(str, needed))} "
+            f"or newer: run `c2boot build` (it uses the rootbuilder container) or upgrade {PACKAGES.get(name, name)}"
+        )
+    return found
