@@ -98,7 +98,7 @@ def context_tar(context: Path, containerfile: Path, dest: Path, extra: Mapping[s
         return None if any(fnmatch.fnmatch(p, pat) for p in parts for pat in ignore) else info
 
     with tarfile.open(dest, "w") as tar:
-        tar.add(context, arcname=".", filter=keep)
+        tar.add(context.resolve(), arcname=".", filter=keep)  # resolve: the packaged containerfiles/ is a link
         tar.add(containerfile, arcname=name)
         for arcname, path in extra.items():
             tar.add(path, arcname=arcname)

@@ -1,0 +1,89 @@
+"""Booting a built disk in QEMU and watching its serial console: the evidence that an image boots.
+
+QEMU is a long-running process watched while it runs, so it is started here rather than through run().
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from container2boot.errors import C2BootError
+from container2boot.run import require_tool
+
+OVMF_PAIRS = (  # (code, vars template), first match wins
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
+
+
+@dataclass(frozen=True)
+class BootResult:
+    matched: bool
+    seconds: float
+    console: str  # the serial console output, escape sequences removed
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    for code, variables in OVMF_PAIRS:
+        if Path(code).is_file() and Path(variables).is_file():
+            return Path(code), Path(variables)
+    raise C2BootError("OVMF (UEFI firmware for QEMU) not found: install ovmf (Debian) / edk2-ovmf (Fedora)")
+
+
+def accelerator() -> str:
+    """TCG unless C2BOOT_QEMU_ACCEL says otherwise: a /dev/kvm node does not prove that KVM runs guests."""
+    return os.environ.get("C2BOOT_QEMU_ACCEL", "tcg,thread=multi")
+
+
+def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path) -> list[str]:
+    argv = [
+        require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", accelerator(), "-smp", "2", "-m", "2048",
+        "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{console_log}",
+        # snapshot=on: the built image is never written to.
+        "-drive", f"file={disk},format=raw,if=virtio,snapshot=on",
+    ]
+    if firmware == "uefi":
+        code, variables = find_ovmf()
+        writable_vars = scratch / "OVMF_VARS.fd"
+        shutil.copyfile(variables, writable_vars)
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={writable_vars}"]
+    elif firmware != "bios":  # bios: SeaBIOS, QEMU's default
+        raise C2BootError(f"unknown firmware {firmware!r}: use uefi or bios")
+    return argv
+
+
+def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: float = 300) -> BootResult:
+    """Boot `disk` until the console shows a line matching `pattern` (regex), or `timeout` seconds pass."""
+    wanted = re.compile(pattern, re.MULTILINE)
+    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
+        scratch = Path(tmp)
+        console_log = scratch / "console.log"
+        console_log.touch()
+        process = subprocess.Popen(qemu_command(disk, firmware, scratch, console_log),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        start = time.monotonic()
+        console = ""
+        try:
+            while time.monotonic() - start < timeout:
+                console = ANSI_ESCAPE.sub("", console_log.read_text(errors="replace"))
+                if wanted.search(console):
+                    return BootResult(True, time.monotonic() - start, console)
+                if process.poll() is not None:
+                    error = process.stderr.read() if process.stderr else ""
+                    return BootResult(False, time.monotonic() - start, console + f"\n[qemu exited: {error}]")
+                time.sleep(1)
+            return BootResult(False, time.monotonic() - start, console)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()

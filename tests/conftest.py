@@ -1,0 +1,47 @@
+"""Shared fixtures. End-to-end tests run the real `c2boot` CLI with rootless podman; they never skip: a missing
+tool is a failure, so CI can't pass without booting anything."""
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+C2BOOT = [sys.executable, "-m", "container2boot"]
+EXAMPLE_IMAGE = "localhost/container2boot/machine:latest"
+# The example machine's own announcement (c2boot-ready.service) and the login prompt, both from the booted system.
+READY = r"container2boot: reached multi-user\.target, root filesystem overlay"
+
+
+def c2boot(*args: str | Path, check: bool = True, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*C2BOOT, *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                            env=env, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"c2boot {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+def require_host_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    assert not missing, f"missing on this host: {missing} (run scripts/setup-host)"
+
+
+def podman_containers() -> set[str]:
+    out = subprocess.run(["podman", "ps", "--all", "--external", "--quiet", "--no-trunc"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+@pytest.fixture(scope="session")
+def example_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`c2boot build --diskimage` of the bundled example, once per test session."""
+    require_host_tools("podman", "qemu-system-x86_64", "sfdisk")
+    assert os.geteuid() != 0, "the end-to-end tests run rootless: run them as a normal user (scripts/test does)"
+    out = tmp_path_factory.mktemp("example") / "out"
+    result = c2boot("build", "--diskimage", "--output", out)
+    assert "demo user's password is" in result.stderr
+    yield out

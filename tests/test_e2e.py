@@ -1,0 +1,124 @@
+"""End to end: real rootless podman, dracut, tar2sqfs, systemd-repart and OVMF. Each boot test passes only on
+evidence from the booted system's serial console."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from container2boot.disk import read_partitions
+from container2boot.qemu import boot_until
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot, podman_containers
+
+pytestmark = pytest.mark.slow
+ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+def test_example_outputs(example_build: Path) -> None:
+    esp = example_build / "esp"
+    for path in ("EFI/BOOT/BOOTX64.EFI", "EFI/BOOT/grub.cfg", "container2boot/vmlinuz",
+                 "container2boot/initrd.img", "container2boot/squashfs.img"):
+        assert (esp / path).is_file(), path
+    assert not list(example_build.parent.glob(".c2boot-partial-*")), "staging directory left behind"
+    manifest = json.loads((example_build / "manifest.json").read_text())
+    assert manifest["source"]["image"] == EXAMPLE_IMAGE and manifest["source"]["digest"].startswith("sha256:")
+    assert manifest["os_release"]["ID"] == "debian"
+    assert manifest["kernel"]["version"] and "root=live:PARTLABEL=C2BOOT" in manifest["kernel"]["cmdline"]
+    assert {a["path"] for a in manifest["artifacts"]} >= {"disk.img", "esp/container2boot/squashfs.img"}
+    assert all(len(a["sha256"]) == 64 and a["size"] > 0 for a in manifest["artifacts"])
+    assert {"machine", "rootbuilder", "assemble"} <= set(manifest["timings_seconds"])
+    assert manifest["tools"]["systemd-repart"].startswith("systemd 25")
+
+
+def test_example_disk_layout(example_build: Path) -> None:
+    """Read back from disk.img: one GPT ESP named C2BOOT, sized to its content with modest headroom."""
+    [esp] = read_partitions(example_build / "disk.img")
+    assert esp.name == "C2BOOT" and esp.type.upper() == ESP_TYPE
+    content = sum(f.stat().st_size for f in (example_build / "esp").rglob("*") if f.is_file())
+    assert content < esp.size_bytes < content * 1.15 + 16 * 2**20
+
+
+def test_example_boots_under_uefi(example_build: Path) -> None:
+    result = boot_until(example_build / "disk.img", READY + r"[\s\S]*login:", firmware="uefi", timeout=300)
+    assert result.matched, f"no multi-user/login evidence after {result.seconds:.0f}s:\n{result.console[-3000:]}"
+    assert "c2boot-demo login:" in result.console
+
+
+def test_build_from_existing_image_boots(example_build: Path, tmp_path: Path) -> None:
+    """--image: an existing local image; --cmdline reaches the booted kernel (it sets the hostname)."""
+    out = tmp_path / "out"
+    c2boot("build", "--image", EXAMPLE_IMAGE, "--cmdline", "systemd.hostname=from-image", "--diskimage", "-o", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["image"] == EXAMPLE_IMAGE
+    assert manifest["kernel"]["cmdline"].endswith("systemd.hostname=from-image")
+    result = boot_until(out / "disk.img", r"from-image login:", timeout=300)
+    assert result.matched, result.console[-3000:]
+    assert "root filesystem overlay" in result.console
+
+
+def test_esp_only_build_without_diskimage(example_build: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    c2boot("build", "--image", EXAMPLE_IMAGE, "-o", out)
+    assert (out / "esp/container2boot/squashfs.img").is_file() and not (out / "disk.img").exists()
+
+
+def test_missing_image_fails_cleanly(example_build: Path, tmp_path: Path) -> None:
+    before = podman_containers()
+    result = c2boot("build", "--image", "localhost/no/such-image:1", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("c2boot: error: image localhost/no/such-image:1 not found")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    assert podman_containers() == before
+
+
+def test_image_without_kernel_says_which_package(example_build: Path, tmp_path: Path) -> None:
+    before = podman_containers()
+    result = c2boot("build", "--image", "docker.io/library/debian:trixie", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "has no kernel" in last and "linux-image-amd64" in last
+    assert list(tmp_path.iterdir()) == []
+    assert podman_containers() == before
+
+
+def test_ctrl_c_during_assemble_leaves_nothing(example_build: Path, tmp_path: Path) -> None:
+    before = podman_containers()
+    out = tmp_path / "out"
+    process = subprocess.Popen([*C2BOOT, "build", "--image", EXAMPLE_IMAGE, "-o", str(out)],
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "Building the initrd" in line:
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, rest
+    assert "interrupted" in rest
+    assert list(tmp_path.iterdir()) == []
+    assert podman_containers() == before
+
+
+def test_existing_output_is_not_clobbered(example_build: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = c2boot("build", "--image", EXAMPLE_IMAGE, "-o", out, check=False)
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_rootbuilder_alone_produces_outputs(example_build: Path, tmp_path: Path) -> None:
+    """The CI form: `podman run` of the rootbuilder with the machine image mounted at /rootfs."""
+    rootbuilder = subprocess.run(
+        ["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/container2boot/rootbuilder"],
+        capture_output=True, text=True, check=True).stdout.split()[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["podman", "run", "--rm", f"--mount=type=image,source={EXAMPLE_IMAGE},target=/rootfs",
+                    "-v", f"{out}:/out:rw", rootbuilder, "--diskimage"], check=True, capture_output=True)
+    assert (out / "disk.img").is_file() and (out / "manifest.json").is_file()
+    assert (out / "esp/container2boot/initrd.img").stat().st_uid == (tmp_path.stat().st_uid)

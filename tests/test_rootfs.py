@@ -1,0 +1,77 @@
+"""Rootfs inspection: kernel selection in version order, and the errors that name the package to add."""
+
+from pathlib import Path
+
+import pytest
+
+from container2boot.errors import C2BootError
+from container2boot.rootfs import find_kernels, inspect, parse_os_release, version_key
+
+
+def make_rootfs(root: Path, *, os_id: str = "debian", kernels: tuple[str, ...] = ("6.12.1-amd64",),
+                fedora_layout: bool = False, dracut: bool = True, live: bool = True) -> Path:
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "usr/lib/os-release").write_text(f'ID={os_id}\nVERSION_ID="13"\nPRETTY_NAME="Test {os_id}"\n')
+    (root / "boot").mkdir()
+    for version in kernels:
+        moddir = root / "usr/lib/modules" / version
+        moddir.mkdir(parents=True)
+        (moddir / "vmlinuz" if fedora_layout else root / "boot" / f"vmlinuz-{version}").write_bytes(b"kernel")
+    if dracut:
+        (root / "usr/bin").mkdir(parents=True)
+        (root / "usr/bin/dracut").write_text("#!/bin/sh\n")
+        modules = root / "usr/lib/dracut/modules.d"
+        modules.mkdir(parents=True)
+        (modules / "90kernel-modules").mkdir()
+        if live:
+            (modules / "90dmsquash-live").mkdir()
+    return root
+
+
+def test_version_order_is_numeric_not_lexical() -> None:
+    versions = ["6.9.0-1", "6.10.2-1", "6.10.10-1", "5.15.0", "6.10.2-1-rc1"]
+    assert sorted(versions, key=version_key)[-1] == "6.10.10-1"
+    assert sorted(versions, key=version_key)[0] == "5.15.0"
+
+
+def test_newest_kernel_is_chosen(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, kernels=("6.9.12-amd64", "6.12.1-amd64", "6.10.3-amd64"))
+    info = inspect(root)
+    assert info.kernel.version == "6.12.1-amd64"
+    assert info.kernel.image == root / "boot/vmlinuz-6.12.1-amd64"
+
+
+def test_fedora_layout_kernel_in_modules_dir(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, os_id="fedora", kernels=("6.11.4-301.fc41.x86_64",), fedora_layout=True)
+    assert find_kernels(root)[0].image.name == "vmlinuz"
+
+
+def test_modules_without_kernel_image_are_ignored(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, kernels=("6.1.0",))
+    (root / "usr/lib/modules/7.0.0").mkdir()
+    assert [k.version for k in find_kernels(root)] == ["6.1.0"]
+
+
+@pytest.mark.parametrize(("os_id", "package"), [("debian", "linux-image-amd64"), ("fedora", "kernel"),
+                                                ("ubuntu", "linux-image-generic"), ("arch", "linux")])
+def test_no_kernel_names_the_package(tmp_path: Path, os_id: str, package: str) -> None:
+    root = make_rootfs(tmp_path, os_id=os_id, kernels=())
+    with pytest.raises(C2BootError, match=rf"has no kernel.*`{package}`"):
+        inspect(root)
+
+
+def test_no_dracut_names_the_package(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, dracut=False)
+    with pytest.raises(C2BootError, match=r"has no dracut.*dracut dracut-live"):
+        inspect(root)
+
+
+def test_dracut_without_live_module(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, live=False)
+    with pytest.raises(C2BootError, match="dmsquash-live"):
+        inspect(root)
+
+
+def test_os_release_parsing() -> None:
+    parsed = parse_os_release('# comment\nID=debian\nPRETTY_NAME="Debian GNU/Linux 13 (trixie)"\nX=\'y\'\n\n')
+    assert parsed == {"ID": "debian", "PRETTY_NAME": "Debian GNU/Linux 13 (trixie)", "X": "y"}
