@@ -131,10 +131,10 @@ def tool_version_line(name: str) -> str | None:
 
 
 def tool_version(name: str) -> tuple[int, ...]:
-    line = tool_version_line(name)
-    if line is None:
-        require_tool(name)
-    return parse_version(line or "")
+    """The version of `name`; a tool that cannot even report it fails with its own message."""
+    result = run([require_tool(name), "--version"], capture=True)
+    text = (result.stdout or result.stderr).strip()
+    return parse_version(text.splitlines()[0] if text else "")
 
 
 def check_version(name: str, version: tuple[int, ...] | None = None) -> tuple[int, ...]:

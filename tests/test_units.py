@@ -11,7 +11,7 @@ import pytest
 from container2boot.config import Config, load_config_file, make_config
 from container2boot.disk import MIN_ESP, MiB, esp_size, tree_bytes
 from container2boot.errors import C2BootError
-from container2boot.output import _os_error_message, check_output, staged_output
+from container2boot.output import _os_error_message, _umask, check_output, staged_output
 from container2boot.podman import check_subordinate_ids, context_tar, debian_suite, parse_secret
 from container2boot.run import check_version, failure_message, parse_version, require_tool, run
 
@@ -74,12 +74,6 @@ def test_outputs_appear_only_on_success(tmp_path: Path) -> None:
         (staging / "manifest.json").write_text("{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "manifest.json").is_file()
     assert (out.stat().st_mode & 0o777) == 0o777 & ~_umask()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_non_empty_output_needs_force(tmp_path: Path) -> None:
