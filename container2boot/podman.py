@@ -121,6 +121,14 @@ def tree_digest(root: Path, extra: str = "") -> str:
     return digest.hexdigest()
 
 
+def external_containers(check: bool = False) -> set[str]:
+    """All containers, buildah's working containers included (the API does not list those; a failed build
+    leaves one behind). Cleanup calls it unchecked, so that it cannot hide the error it is cleaning up after."""
+    out = subprocess.run(["podman", "ps", "--all", "--external", "--quiet", "--no-trunc"],
+                         capture_output=True, text=True, check=check).stdout
+    return set(out.split())
+
+
 class Session:
     """A connected podman client, plus the scratch space of one build."""
 
@@ -186,7 +194,7 @@ class Session:
             "buildargs": json.dumps(dict(buildargs)),
             "secrets": json.dumps([f"id={n.removeprefix('.c2boot-secret-')},src={n}" for n in secret_files]),
         }
-        before = self._external_containers()
+        before = external_containers()
         last: list[str] = []
         try:
             with tar_path.open("rb") as body:
@@ -214,14 +222,8 @@ class Session:
         finally:
             tar_path.unlink(missing_ok=True)
 
-    def _external_containers(self) -> set[str]:
-        """Working containers of buildah (not listed by the API), left behind by a failed build."""
-        out = subprocess.run(["podman", "ps", "--all", "--external", "--quiet", "--no-trunc"],
-                             capture_output=True, text=True, check=False).stdout
-        return set(out.split())
-
     def _remove_new_external_containers(self, before: set[str]) -> None:
-        for container in self._external_containers() - before:
+        for container in external_containers() - before:
             subprocess.run(["podman", "rm", "--force", container], capture_output=True, check=False)
 
     def rootbuilder_image(self, base_image: str, mirror: str) -> str:

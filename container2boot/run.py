@@ -117,24 +117,25 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(1).split("."))
 
 
+def version_line(name: str) -> str:
+    """First line of `name --version`; fails like run() when the tool is missing or cannot report it."""
+    result = run([require_tool(name), "--version"], capture=True)
+    lines = (result.stdout or result.stderr).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 @cache
 def tool_version_line(name: str) -> str | None:
-    """First line of `name --version`, or None when the tool is not installed."""
-    if shutil.which(name) is None:
-        return None
+    """For the manifest: the version line, or None when the tool is missing or will not say."""
     try:
-        result = run([name, "--version"], capture=True)
+        return version_line(name) or None
     except C2BootError:
         return None
-    lines = (result.stdout or result.stderr).strip().splitlines()
-    return lines[0] if lines else None
 
 
 def tool_version(name: str) -> tuple[int, ...]:
     """The version of `name`; a tool that cannot even report it fails with its own message."""
-    result = run([require_tool(name), "--version"], capture=True)
-    text = (result.stdout or result.stderr).strip()
-    return parse_version(text.splitlines()[0] if text else "")
+    return parse_version(version_line(name))
 
 
 def check_version(name: str, version: tuple[int, ...] | None = None) -> tuple[int, ...]:

@@ -30,12 +30,6 @@ def require_host_tools(*tools: str) -> None:
     assert not missing, f"missing on this host: {missing} (run scripts/setup-host)"
 
 
-def podman_containers() -> set[str]:
-    out = subprocess.run(["podman", "ps", "--all", "--external", "--quiet", "--no-trunc"],
-                         capture_output=True, text=True, check=True).stdout
-    return set(out.split())
-
-
 @pytest.fixture(scope="session")
 def example_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """`c2boot build --diskimage` of the bundled example, once per test session."""

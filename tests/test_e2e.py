@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from container2boot.disk import read_partitions
+from container2boot.podman import external_containers
 from container2boot.qemu import boot_until
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot, podman_containers
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot
 
 pytestmark = pytest.mark.slow
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -66,26 +67,26 @@ def test_esp_only_build_without_diskimage(example_build: Path, tmp_path: Path) -
 
 
 def test_missing_image_fails_cleanly(example_build: Path, tmp_path: Path) -> None:
-    before = podman_containers()
+    before = external_containers(check=True)
     result = c2boot("build", "--image", "localhost/no/such-image:1", "-o", tmp_path / "out", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("c2boot: error: image localhost/no/such-image:1 not found")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
-    assert podman_containers() == before
+    assert external_containers(check=True) == before
 
 
 def test_image_without_kernel_says_which_package(example_build: Path, tmp_path: Path) -> None:
-    before = podman_containers()
+    before = external_containers(check=True)
     result = c2boot("build", "--image", "docker.io/library/debian:trixie", "-o", tmp_path / "out", check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "has no kernel" in last and "linux-image-amd64" in last
     assert list(tmp_path.iterdir()) == []
-    assert podman_containers() == before
+    assert external_containers(check=True) == before
 
 
 def test_ctrl_c_during_assemble_leaves_nothing(example_build: Path, tmp_path: Path) -> None:
-    before = podman_containers()
+    before = external_containers(check=True)
     out = tmp_path / "out"
     process = subprocess.Popen([*C2BOOT, "build", "--image", EXAMPLE_IMAGE, "-o", str(out)],
                                stderr=subprocess.PIPE, text=True)
@@ -99,7 +100,7 @@ def test_ctrl_c_during_assemble_leaves_nothing(example_build: Path, tmp_path: Pa
     assert process.wait(timeout=120) == 130, rest
     assert "interrupted" in rest
     assert list(tmp_path.iterdir()) == []
-    assert podman_containers() == before
+    assert external_containers(check=True) == before
 
 
 def test_existing_output_is_not_clobbered(example_build: Path, tmp_path: Path) -> None:
