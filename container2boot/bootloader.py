@@ -50,8 +50,9 @@ SIGNED_LOADERS = (
 
 
 def live_cmdline(extra: str) -> str:
-    """dmsquash-live finds the ESP by partition name and mounts squashfs.img with a tmpfs overlay."""
-    base = (f"root=live:PARTLABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg=squashfs.img "
+    """dmsquash-live finds the ESP by its FAT label (the same on GPT and MBR disks and on a USB stick) and mounts
+    squashfs.img with a tmpfs overlay."""
+    base = (f"root=live:LABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg=squashfs.img "
             "rd.live.image rd.live.overlay.readonly console=tty0 console=ttyS0,115200")
     return f"{base} {extra}".strip()
 

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import typer
 
 from container2boot import __version__
-from container2boot.config import SETTINGS, Command, Config, load_config_file, make_config
+from container2boot.config import SETTINGS, Command, Config, Setting, load_config_file, make_config
 from container2boot.errors import C2BootError
 from container2boot.log import logger, setup_logging
 
@@ -32,6 +32,13 @@ def _annotation(kind: type, repeatable: bool) -> Any:
     return Optional[kind]  # noqa: UP045
 
 
+def _metavar(setting: Setting) -> str | None:
+    """Flags take no value; choices show as a|b; otherwise the table's metavar (typer falls back to the type)."""
+    if setting.kind is bool:
+        return ""
+    return "|".join(setting.choices) if setting.choices else setting.metavar
+
+
 def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one option per setting of the table that applies to it, plus --config; the wrapped
     function receives the merged Config as `config`."""
@@ -41,11 +48,10 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
         params = [p for p in own.parameters.values() if p.name != "config"]
         annotations = {p.name: func.__annotations__[p.name] for p in params}
         for setting in (s for s in SETTINGS if command in s.commands):
-            choices = f" One of: {', '.join(setting.choices)}." if setting.choices else ""
             default_note = "" if setting.default in (None, False, (), "") else f" (default: {setting.default})"
             option = typer.Option(
-                None, *setting.flags, help=setting.help + choices + default_note, show_default=False,
-                metavar=setting.metavar, rich_help_panel=setting.panel,
+                None, *setting.flags, help=setting.help + default_note, show_default=False,
+                metavar=_metavar(setting), rich_help_panel=setting.panel,
                 is_flag=True if setting.kind is bool else None,
             )
             annotation = _annotation(setting.kind, setting.repeatable)

@@ -6,7 +6,7 @@ and nothing writes back to it.
 
 import dataclasses
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from container2boot.errors import C2BootError
 
 COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
+PARTITION_TABLES = ("gpt", "mbr")
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -49,6 +50,11 @@ SETTINGS: tuple[Setting, ...] = (
             ("--output", "-o"), BOTH, metavar="DIR"),
     Setting("diskimage", bool, False, "Also write disk.img: a GPT disk with the ESP, made by systemd-repart.",
             ("--diskimage",), BOTH),
+    Setting("bios", bool, False, "Also boot with legacy BIOS (SeaBIOS, older machines): syslinux on the ESP and BIOS "
+            "boot code in disk.img. The disk still boots with UEFI.", ("--bios",), BOTH, panel="Boot"),
+    Setting("table", str, "gpt", "Partition table of disk.img. gpt: for UEFI, and for BIOS too with --bios. mbr: "
+            "for BIOS machines that cannot read GPT; needs --bios.", ("--table",), BOTH,
+            choices=PARTITION_TABLES, panel="Boot"),
     Setting("force", bool, False, "Replace the outputs in an existing, non-empty output directory.",
             ("--force",), BOTH),
     Setting("compression", str, "zstd", "Compression of the root image (squashfs.img).",
@@ -82,6 +88,8 @@ class Config:
 
     output: Path = Path("out")
     diskimage: bool = False
+    bios: bool = False
+    table: str = "gpt"
     force: bool = False
     compression: str = "zstd"
     cmdline: str = ""
@@ -98,6 +106,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.compression not in COMPRESSIONS:
             raise C2BootError(f"unknown compression {self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
+        if self.table not in PARTITION_TABLES:
+            raise C2BootError(f"unknown partition table {self.table!r}: use one of {', '.join(PARTITION_TABLES)}")
+        if self.table == "mbr" and not self.diskimage:
+            raise C2BootError("--table describes disk.img: add --diskimage")
+        if self.table == "mbr" and not self.bios:
+            raise C2BootError("--table mbr is for BIOS machines: add --bios (the MBR disk boots with UEFI too)")
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
@@ -113,6 +127,7 @@ def _check_defaults_match() -> None:
     for setting in SETTINGS:
         declared = fields[setting.name].default
         assert declared == setting.default, f"{setting.name}: table default {setting.default!r} != {declared!r}"
+        assert setting.kind is not bool or setting.default is False, f"{setting.name}: flags default to off"
 
 
 _check_defaults_match()
@@ -159,3 +174,21 @@ def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | 
             continue
         merged[name] = tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
     return Config(**merged, **extra)
+
+
+def command_line(config: Config, command: Command, skip: Collection[str] = ()) -> list[str]:
+    """Options that give `command` the same settings as `config`: how the host hands its settings to the
+    assemble stage inside the rootbuilder, without listing them a second time."""
+    args: list[str] = []
+    for setting in SETTINGS:
+        value = getattr(config, setting.name)
+        if command not in setting.commands or setting.name in skip or value == setting.default:
+            continue
+        flag = setting.flags[0]
+        if setting.kind is bool:
+            args.append(flag)
+        elif setting.repeatable:
+            args += [part for item in value for part in (flag, str(item))]
+        else:
+            args += [flag, str(value)]
+    return args

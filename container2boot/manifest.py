@@ -11,7 +11,7 @@ from container2boot.rootfs import RootfsInfo
 from container2boot.run import tool_version_line
 
 MANIFEST_VERSION = 1
-ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "grub-mkimage", "mcopy")
+ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "grub-mkimage", "mcopy", "syslinux")
 
 
 def sha256(path: Path) -> str:
@@ -43,8 +43,7 @@ def build_manifest(
     info: RootfsInfo,
     source: dict[str, str],
     cmdline: str,
-    bootloader: str,
-    compression: str,
+    boot: dict[str, Any],
     timings: dict[str, float],
 ) -> dict[str, Any]:
     tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
@@ -56,7 +55,7 @@ def build_manifest(
         "source": source,
         "os_release": {k: info.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in info.os_release},
         "kernel": {"version": info.kernel.version, "cmdline": cmdline},
-        "boot": {"firmware": ["uefi"], "bootloader": bootloader, "root_image": f"squashfs ({compression})"},
+        "boot": boot,
         "tools": tools,
         "artifacts": artifacts(out),
         "timings_seconds": timings,

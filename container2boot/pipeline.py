@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from container2boot import bios
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, live_cmdline
 from container2boot.config import Config
 from container2boot.disk import build_disk
@@ -72,13 +73,21 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
             build_initrd(info, boot_dir / "initrd.img", scratch / "initrd")
         with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
             build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
-        with timer.stage("bootloader", "Installing the UEFI boot loader"):
-            loader = install_bootloader(staging / "esp", entry, root, scratch)
+        firmware = ["uefi", "bios"] if config.bios else ["uefi"]
+        with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
+            loaders = [install_bootloader(staging / "esp", entry, root, scratch)]
+            if config.bios:
+                loaders.append(bios.install_files(staging / "esp", entry))
         if config.diskimage:
-            with timer.stage("disk", "Assembling disk.img with systemd-repart"):
-                build_disk(staging / "esp", staging / "disk.img", scratch)
+            with timer.stage("disk", f"Assembling disk.img ({config.table.upper()}) with systemd-repart"):
+                build_disk(staging / "esp", staging / "disk.img", scratch, config.table)
+                if config.bios:
+                    bios.install_boot_code(staging / "disk.img")
         manifest = build_manifest(staging, info=info, source=dict(config.source), cmdline=entry.cmdline,
-                                  bootloader=loader, compression=config.compression, timings=timer.seconds)
+                                  boot={"firmware": firmware, "bootloader": " + ".join(loaders),
+                                        "partition_table": config.table if config.diskimage else None,
+                                        "root_image": f"squashfs ({config.compression})"},
+                                  timings=timer.seconds)
         write_manifest(staging, manifest)
 
 

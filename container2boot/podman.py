@@ -22,7 +22,7 @@ from typing import Any
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
-from container2boot.config import Config
+from container2boot.config import Config, command_line
 from container2boot.errors import C2BootError
 from container2boot.log import StageTimer, logger
 from container2boot.run import check_version, require_tool
@@ -281,10 +281,7 @@ class Session:
 
     def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config) -> None:
         """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs."""
-        args = ["--compression", config.compression]
-        args += ["--diskimage"] if config.diskimage else []
-        args += ["--cmdline", config.cmdline] if config.cmdline else []
-        args += ["--verbose"] if config.verbose else []
+        args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
         container = self.client.containers.create(
             rootbuilder,
             command=args,

@@ -32,6 +32,8 @@ PACKAGES: Mapping[str, str] = {
     "mmdebstrap": "mmdebstrap",
     "qemu-system-x86_64": "qemu-system-x86",
     "tar": "tar",
+    "syslinux": "syslinux (Debian, Fedora)",
+    "sfdisk": "fdisk (Debian) / util-linux (Fedora)",
 }
 
 ERROR_TAIL_LINES = 8
@@ -50,6 +52,7 @@ def run(
     argv: Sequence[str | Path],
     *,
     stdin: int | None = None,
+    input: str | None = None,
     stdout: int | None = None,
     capture: bool = False,
     env: Mapping[str, str] | None = None,
@@ -58,7 +61,7 @@ def run(
     """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
 
     Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
-    `capture` keeps stdout in the result for the caller.
+    `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin.
     """
     args = [str(a) for a in argv]
     tool = Path(args[0]).name
@@ -68,6 +71,7 @@ def run(
         result = subprocess.run(
             args,
             stdin=stdin,
+            input=input,
             stdout=subprocess.PIPE if capture or stdout is None else stdout,
             stderr=subprocess.PIPE,
             text=True,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from container2boot.disk import read_partitions
+from container2boot.disk import read_table
 from container2boot.podman import external_containers
 from container2boot.qemu import boot_until
 from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot
@@ -27,17 +27,21 @@ def test_example_outputs(example_build: Path) -> None:
     manifest = json.loads((example_build / "manifest.json").read_text())
     assert manifest["source"]["image"] == EXAMPLE_IMAGE and manifest["source"]["digest"].startswith("sha256:")
     assert manifest["os_release"]["ID"] == "debian"
-    assert manifest["kernel"]["version"] and "root=live:PARTLABEL=C2BOOT" in manifest["kernel"]["cmdline"]
+    assert manifest["kernel"]["version"] and "root=live:LABEL=C2BOOT" in manifest["kernel"]["cmdline"]
     assert {a["path"] for a in manifest["artifacts"]} >= {"disk.img", "esp/container2boot/squashfs.img"}
     assert all(len(a["sha256"]) == 64 and a["size"] > 0 for a in manifest["artifacts"])
     assert {"machine", "rootbuilder", "assemble"} <= set(manifest["timings_seconds"])
     assert manifest["tools"]["systemd-repart"].startswith("systemd 25")
+    assert manifest["boot"]["firmware"] == ["uefi"] and manifest["boot"]["partition_table"] == "gpt"
+    assert not (esp / "syslinux").exists()
 
 
 def test_example_disk_layout(example_build: Path) -> None:
     """Read back from disk.img: one GPT ESP named C2BOOT, sized to its content with modest headroom."""
-    [esp] = read_partitions(example_build / "disk.img")
-    assert esp.name == "C2BOOT" and esp.type.upper() == ESP_TYPE
+    table = read_table(example_build / "disk.img")
+    assert table.label == "gpt"
+    [esp] = table.partitions
+    assert esp.name == "C2BOOT" and esp.type.upper() == ESP_TYPE and esp.attrs == ""
     content = sum(f.stat().st_size for f in (example_build / "esp").rglob("*") if f.is_file())
     assert content < esp.size_bytes < content * 1.15 + 16 * 2**20
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from container2boot.config import Config, load_config_file, make_config
+from container2boot.config import Config, command_line, load_config_file, make_config
 from container2boot.disk import MIN_ESP, MiB, esp_size, tree_bytes
 from container2boot.errors import C2BootError
 from container2boot.output import _os_error_message, _umask, check_output, staged_output
@@ -59,6 +59,21 @@ def test_invalid_settings() -> None:
         Config(compression="brotli")
     with pytest.raises(C2BootError, match="exclude each other"):
         Config(image="x", containerfile=Path("Containerfile"))
+    with pytest.raises(C2BootError, match="unknown partition table 'msdos': use one of gpt, mbr"):
+        Config(diskimage=True, bios=True, table="msdos")
+    with pytest.raises(C2BootError, match=r"--table describes disk\.img: add --diskimage"):
+        Config(bios=True, table="mbr")
+    with pytest.raises(C2BootError, match=r"--table mbr is for BIOS machines: add --bios"):
+        Config(diskimage=True, table="mbr")
+    assert Config(bios=True).table == "gpt"  # --bios alone: the ESP tree gets syslinux's files
+
+
+def test_command_line_reproduces_the_settings_for_the_rootbuilder() -> None:
+    config = Config(output=Path("/x"), force=True, diskimage=True, bios=True, table="mbr", cmdline="a b",
+                    compression="xz", image="img", secrets=("id=a,src=b",))
+    args = command_line(config, "assemble", skip={"output", "force"})
+    assert args == ["--diskimage", "--bios", "--table", "mbr", "--compression", "xz", "--cmdline", "a b"]
+    assert command_line(Config(), "assemble") == []
 
 
 # Output staging ------------------------------------------------------------------------------------------------
