@@ -44,18 +44,17 @@ def install_files(esp: Path, entry: BootEntry) -> str:
 
 
 def install_boot_code(disk: Path) -> PartitionTable:
-    """Make `disk` boot under BIOS: mark its one partition bootable, write the boot code that fits its partition
-    table, and install syslinux's boot sector and ldlinux.sys into the FAT filesystem. Returns the table as
-    read back afterwards."""
+    """Make `disk` boot under BIOS: mark its ESP bootable, write the boot code that fits its partition table, and
+    install syslinux's boot sector and ldlinux.sys into the ESP's FAT filesystem. Returns the table as read back
+    afterwards."""
     table = read_table(disk)
-    if table.label not in BOOT_CODE or len(table.partitions) != 1:
-        raise C2BootError(f"{disk}: expected one partition in a GPT or MBR table, found {table.label} with "
-                          f"{len(table.partitions)}")
-    [esp] = table.partitions
+    if table.label not in BOOT_CODE:
+        raise C2BootError(f"{disk}: a {table.label} partition table cannot boot with BIOS here: use GPT or MBR")
+    number, esp = table.esp()
     if table.label == "gpt" and LEGACY_BIOS_BOOTABLE not in esp.attrs.split():
-        run(["sfdisk", "--part-attrs", disk, "1", " ".join([*esp.attrs.split(), LEGACY_BIOS_BOOTABLE])])
+        run(["sfdisk", "--part-attrs", disk, str(number), " ".join([*esp.attrs.split(), LEGACY_BIOS_BOOTABLE])])
     if table.label == "dos" and not esp.bootable:
-        run(["sfdisk", "--activate", disk, "1"])
+        run(["sfdisk", "--activate", disk, str(number)])
     write_boot_code(disk, syslinux_file(BOOT_CODE[table.label]).read_bytes())
     run(["syslinux", "--install", "--offset", str(esp.start_bytes), "--directory", f"/{SYSLINUX_DIR}", disk])
     return read_table(disk)

@@ -12,6 +12,7 @@ from container2boot.run import require_tool, run
 from container2boot.templates import render_to
 
 ESP_LABEL = "C2BOOT"
+CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"  # the screen and the first serial port
 BOOT_DIR = "container2boot"  # the ESP directory that holds vmlinuz, initrd.img and squashfs.img
 MENU_TIMEOUT = 3
 GRUB_MODULES = (
@@ -53,8 +54,14 @@ def live_cmdline(extra: str) -> str:
     """dmsquash-live finds the ESP by its FAT label (the same on GPT and MBR disks and on a USB stick) and mounts
     squashfs.img with a tmpfs overlay."""
     base = (f"root=live:LABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg=squashfs.img "
-            "rd.live.image rd.live.overlay.readonly console=tty0 console=ttyS0,115200")
+            f"rd.live.image rd.live.overlay.readonly {CONSOLE_ARGS}")
     return f"{base} {extra}".strip()
+
+
+def installed_cmdline(partuuid: str, fstype: str, extra: str) -> str:
+    """The installed root, found by its GPT partition UUID (never a /dev/sdX or /dev/vdX name) and mounted
+    read-write from the start."""
+    return f"root=PARTUUID={partuuid} rootfstype={fstype} rw {CONSOLE_ARGS} {extra}".strip()
 
 
 def find_signed_loader(rootfs: Path) -> SignedLoader | None:

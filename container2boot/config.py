@@ -5,6 +5,7 @@ and nothing writes back to it.
 """
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from container2boot.errors import C2BootError
 
 COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
 PARTITION_TABLES = ("gpt", "mbr")
+LAYOUTS = ("live", "installed")
+ROOTFS_TYPES = ("ext4", "xfs", "btrfs")
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -55,6 +59,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("table", str, "gpt", "Partition table of disk.img. gpt: for UEFI, and for BIOS too with --bios. mbr: "
             "for BIOS machines that cannot read GPT; needs --bios.", ("--table",), BOTH,
             choices=PARTITION_TABLES, panel="Boot"),
+    Setting("layout", str, "live", "live: the root is a read-only squashfs with a tmpfs overlay, changes are lost at "
+            "reboot. installed: disk.img gets a writable root partition holding the image's filesystem, like a "
+            "normal installation.", ("--layout",), BOTH, choices=LAYOUTS, panel="Boot"),
+    Setting("size", str, None, "Size of disk.img for --layout installed, e.g. 4G or 1500M; the root partition "
+            "fills it (default: the content plus room).", ("--size",), BOTH, metavar="SIZE", panel="Boot"),
+    Setting("rootfs_type", str, "ext4", "Filesystem of the root partition for --layout installed.",
+            ("--rootfs-type",), BOTH, choices=ROOTFS_TYPES, panel="Boot"),
     Setting("force", bool, False, "Replace the outputs in an existing, non-empty output directory.",
             ("--force",), BOTH),
     Setting("compression", str, "zstd", "Compression of the root image (squashfs.img).",
@@ -90,6 +101,9 @@ class Config:
     diskimage: bool = False
     bios: bool = False
     table: str = "gpt"
+    layout: str = "live"
+    size: str | None = None
+    rootfs_type: str = "ext4"
     force: bool = False
     compression: str = "zstd"
     cmdline: str = ""
@@ -112,13 +126,40 @@ class Config:
             raise C2BootError("--table describes disk.img: add --diskimage")
         if self.table == "mbr" and not self.bios:
             raise C2BootError("--table mbr is for BIOS machines: add --bios (the MBR disk boots with UEFI too)")
+        for name, value, choices in (("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type,
+                                                                          ROOTFS_TYPES)):
+            if value not in choices:
+                raise C2BootError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
+        if self.layout == "installed":
+            if not self.diskimage:
+                raise C2BootError("--layout installed puts the root partition into disk.img: add --diskimage")
+            if self.table == "mbr":
+                raise C2BootError("--layout installed makes GPT disks only: drop --table mbr (--bios works with GPT)")
+            if self.compression != "zstd":
+                raise C2BootError("--compression sets the live layout's squashfs: drop it for --layout installed")
+        elif self.size is not None or self.rootfs_type != "ext4":
+            raise C2BootError("--size and --rootfs-type apply to --layout installed: add --layout installed")
+        if self.size is not None:
+            parse_size(self.size)
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
             raise C2BootError("--context only applies with --file")
 
+    @property
+    def size_bytes(self) -> int | None:
+        return None if self.size is None else parse_size(self.size)
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def parse_size(text: str) -> int:
+    """'4G', '1500M', '4GiB', '512K' or plain bytes; units are powers of 1024, like systemd-repart's."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise C2BootError(f"--size {text!r} is not a size: use e.g. 4G or 1500M")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
 
 
 def _check_defaults_match() -> None:

@@ -1,5 +1,6 @@
-"""The disk image: a GPT disk holding the ESP, assembled by systemd-repart without loop devices or privileges;
-for `--table mbr` its partition table is then rewritten as an MBR (dos) table with the same partition.
+"""The disk image: a GPT disk holding the ESP (and, for the installed layout, the root partition), assembled by
+systemd-repart without loop devices or privileges; for `--table mbr` its partition table is then rewritten as an
+MBR (dos) table with the same partition.
 
 systemd-repart's `--size=auto` does not account for vfat CopyFiles (the partition stays tiny and mcopy runs out of
 space), so the ESP is sized from its content here: files rounded up to the largest FAT cluster, plus FAT tables
@@ -10,10 +11,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from container2boot.bootloader import ESP_LABEL
+from container2boot.errors import C2BootError
 from container2boot.run import check_version, require_tool, run
 from container2boot.templates import render_to
+
+if TYPE_CHECKING:
+    from container2boot.rootpartition import RootPartition
 
 MiB = 1024 * 1024
 CLUSTER = 64 * 1024  # the largest cluster mkfs.vfat picks; rounding every file to it never undercounts
@@ -22,6 +28,9 @@ FIXED_OVERHEAD = 8 * MiB  # reserved sectors, FATs, root directory, alignment
 MIN_ESP = 40 * MiB  # FAT32 with 512-byte sectors needs at least 65525 clusters
 
 
+INITRD_ALLOWANCE = 64 * MiB  # a no-hostonly dracut initrd is about 40 MB, plus the boot loaders
+GPT_OVERHEAD = 2 * MiB  # the partition table at the start and at the end, and alignment
+ESP_TYPES = ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "ef")  # on GPT, on MBR
 MBR_ESP_TYPE = "ef"  # EFI System on MBR: UEFI firmware boots it, BIOS boot code ignores the type
 
 
@@ -33,6 +42,7 @@ class Partition:
     size_bytes: int
     attrs: str  # GPT attributes, e.g. "LegacyBIOSBootable"
     bootable: bool  # MBR's active flag
+    uuid: str  # GPT only
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,13 @@ class PartitionTable:
     label: str  # sfdisk's name: "gpt" or "dos" (MBR)
     sector_size: int
     partitions: list[Partition]
+
+    def esp(self) -> tuple[int, Partition]:
+        """The ESP and its partition number (from 1)."""
+        for number, partition in enumerate(self.partitions, start=1):
+            if partition.type.upper() in (t.upper() for t in ESP_TYPES):
+                return number, partition
+        raise C2BootError(f"the disk has no EFI System Partition ({self.label} table)")
 
 
 def tree_bytes(root: Path) -> int:
@@ -59,27 +76,48 @@ def esp_size(content_bytes: int) -> int:
     return max(MIN_ESP, -(-wanted // MiB) * MiB)
 
 
-def render_definitions(definitions: Path, esp: Path, size_bytes: int) -> None:
+def render_definitions(definitions: Path, esp: Path, size_bytes: int, root: "RootPartition | None" = None) -> None:
     render_to(definitions / "10-esp.conf", "repart.d/10-esp.conf.j2",
               label=ESP_LABEL, source=esp.absolute(), size_bytes=size_bytes)
+    if root is not None:
+        render_to(definitions / "20-root.conf", "repart.d/20-root.conf.j2", root=root)
 
 
-def build_disk(esp: Path, dest: Path, scratch: Path, table: str = "gpt") -> int:
-    """Write a new disk image `dest` whose one partition is an ESP holding the tree `esp`, with a GPT or an MBR
-    (`table` "mbr") partition table; returns the ESP size in bytes."""
+def estimate_esp(kernel_bytes: int) -> int:
+    """The ESP size before the initrd exists, for checking --size before the slow steps."""
+    return esp_size(kernel_bytes + INITRD_ALLOWANCE)
+
+
+def disk_size_needed(esp_bytes: int, root: "RootPartition | None") -> int:
+    return esp_bytes + (root.min_bytes if root else 0) + GPT_OVERHEAD
+
+
+def check_disk_size(size: int | None, needed: int) -> None:
+    """A --size too small for the content fails here, before the slow steps, with the size that fits."""
+    if size is not None and size < needed:
+        fits = -(-needed // (100 * MiB)) * 100
+        raise C2BootError(f"--size {size / MiB:.0f}M is smaller than the {needed / MiB:.0f}M the content needs: "
+                          f"use --size {fits}M or more, or leave --size out")
+
+
+def build_disk(esp: Path, dest: Path, scratch: Path, *, table: str = "gpt", root: "RootPartition | None" = None,
+               size: int | None = None) -> int:
+    """Write a new disk image `dest`: an ESP holding the tree `esp`, then the root partition when given, in a GPT
+    or (`table` "mbr") an MBR partition table, `size` bytes large (default: what it holds). Returns the ESP size."""
     check_version("systemd-repart")
-    for tool in ("mkfs.vfat", "mcopy", "sfdisk"):
+    for tool in ("mkfs.vfat", "mcopy", "sfdisk", *([f"mkfs.{root.fstype}"] if root else [])):
         require_tool(tool)
-    size = esp_size(tree_bytes(esp))
+    esp_bytes = esp_size(tree_bytes(esp))
+    check_disk_size(size, disk_size_needed(esp_bytes, root))
     definitions = scratch / "repart.d"
-    render_definitions(definitions, esp, size)
+    render_definitions(definitions, esp, esp_bytes, root)
     run([
-        "systemd-repart", f"--definitions={definitions}", "--empty=create", "--size=auto", "--offline=yes",
-        "--sector-size=512", "--dry-run=no", "--seed=random", "--no-pager", dest,
+        "systemd-repart", f"--definitions={definitions}", "--empty=create", f"--size={size or 'auto'}",
+        "--offline=yes", "--sector-size=512", "--dry-run=no", "--seed=random", "--no-pager", dest,
     ])
     if table == "mbr":
         convert_to_mbr(dest)
-    return size
+    return esp_bytes
 
 
 def convert_to_mbr(disk: Path) -> None:
@@ -100,7 +138,7 @@ def read_table(disk: Path) -> PartitionTable:
     sector = int(table.get("sectorsize", 512))
     partitions = [
         Partition(p.get("name", ""), p["type"], p["start"] * sector, p["size"] * sector, p.get("attrs", ""),
-                  bool(p.get("bootable", False)))
+                  bool(p.get("bootable", False)), p.get("uuid", ""))
         for p in table.get("partitions", [])
     ]
     return PartitionTable(table["label"], sector, partitions)

@@ -1,4 +1,5 @@
-"""The initrd: the machine image's own dracut, run inside the image's rootfs, with the live-boot modules.
+"""The initrd: the machine image's own dracut, run inside the image's rootfs, with the live-boot modules for the
+live layout or the root filesystem's driver for the installed one.
 
 dracut must run from the image (its modules, binaries and kernel modules must match), but the rootfs is read-only
 (an image mount) and we have no privileges. A new user and mount namespace gives us both: the rootfs is
@@ -12,12 +13,14 @@ from pathlib import Path
 from container2boot.rootfs import RootfsInfo
 from container2boot.run import run
 
-# Drivers a VM, a laptop and a USB stick need to find and mount the ESP and the root image. nls_ascii is Debian's
-# default FAT iocharset: without it the ESP mount fails.
-LIVE_DRIVERS = (
+# Drivers a VM, a laptop and a USB stick need to find their disks.
+DISK_DRIVERS = (
     "virtio_blk virtio_scsi virtio_pci sd_mod sr_mod ahci nvme usb_storage uas xhci_pci xhci_hcd ehci_pci "
-    "ohci_pci uhci_hcd vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs erofs overlay loop"
+    "ohci_pci uhci_hcd"
 )
+# What the live boot mounts: the ESP and the root image on it. nls_ascii is Debian's default FAT iocharset: without
+# it the ESP mount fails.
+LIVE_DRIVERS = "vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs erofs overlay loop"
 
 # $1 rootfs, $2 scratch directory, $3 destination file, then the dracut command line.
 SANDBOX_SCRIPT = r"""
@@ -34,20 +37,25 @@ chmod 0644 "$dest"
 """
 
 
-def dracut_command(info: RootfsInfo) -> list[str]:
-    modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
+def dracut_command(info: RootfsInfo, root_fstype: str | None = None) -> list[str]:
+    """dracut's command line: the live initrd, or with `root_fstype` the installed one, which mounts that root."""
+    if root_fstype is None:
+        modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
+        drivers = f"{DISK_DRIVERS} {LIVE_DRIVERS}"
+    else:
+        modules = [m for m in (root_fstype,) if m in info.dracut_modules]  # dracut's btrfs module, for one
+        drivers = f"{DISK_DRIVERS} {root_fstype}"
+    add = ["--add", " ".join(modules)] if modules else []
     return [
         "dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline",
-        "--kver", info.kernel.version,
-        "--add", " ".join(modules),
-        "--add-drivers", LIVE_DRIVERS,
+        "--kver", info.kernel.version, *add, "--add-drivers", drivers,
     ]
 
 
-def build_initrd(info: RootfsInfo, dest: Path, scratch: Path) -> None:
-    """Write the initrd for the image's newest kernel to `dest`."""
+def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str | None = None) -> None:
+    """Write the initrd for the image's newest kernel to `dest`: live, or for an installed `root_fstype` root."""
     run([
         "unshare", "--user", "--map-root-user", "--mount", "--",
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", info.root.absolute(), scratch.absolute(), dest.absolute(),
-        *dracut_command(info),
+        *dracut_command(info, root_fstype),
     ])

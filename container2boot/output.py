@@ -12,6 +12,7 @@ from container2boot.errors import C2BootError
 
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".c2boot-partial-"
+WORK_PREFIX = STAGING_PREFIX + "work-"  # scratch space of a running build, beside its staging directory
 
 
 def _entries(directory: Path) -> list[str]:

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from container2boot import bios
-from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, live_cmdline
+from container2boot import bios, rootpartition
+from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
-from container2boot.disk import build_disk
+from container2boot.disk import build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import build_initrd
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import build_manifest, read_manifest, write_manifest
-from container2boot.output import MANIFEST, staged_output
+from container2boot.output import MANIFEST, WORK_PREFIX, staged_output
 from container2boot.rootfs import inspect
 from container2boot.rootimage import build_root_image
 from container2boot.run import run
@@ -51,44 +51,64 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
     if not rootfs.exists():
         raise C2BootError(f"rootfs {rootfs} not found: pass a directory or a tar of the image's filesystem "
                           "(e.g. from `podman export`)")
-    with tempfile.TemporaryDirectory(prefix="c2boot-") as tmp:
+    # The work directory sits beside the staged outputs, not in /tmp: an unpacked rootfs may not fit a tmpfs, and
+    # systemd-repart never copies files from under /tmp or /var/tmp (its denylist) into a partition.
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=staging.parent) as tmp:
         scratch = Path(tmp)
         root = rootfs
         if not rootfs.is_dir():
             with timer.stage("unpack", f"Unpacking {rootfs}"):
                 root = unpack_rootfs_tar(rootfs, scratch / "rootfs")
+        installed = config.layout == "installed"
         with timer.stage("inspect", f"Inspecting {rootfs}"):
-            info = inspect(root)
+            info = inspect(root, live=not installed)
+            root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
         logger.info("    %s, kernel %s", info.pretty_name, info.kernel.version)
+        if root_partition is not None:
+            check_disk_size(config.size_bytes,
+                            disk_size_needed(estimate_esp(info.kernel.image.stat().st_size), root_partition))
         boot_dir = staging / "esp" / BOOT_DIR
         boot_dir.mkdir(parents=True)
         entry = BootEntry(
-            title=f"{info.pretty_name} (container2boot live)",
+            title=f"{info.pretty_name} (container2boot {config.layout})",
             kernel=f"/{BOOT_DIR}/vmlinuz",
             initrd=f"/{BOOT_DIR}/initrd.img",
-            cmdline=live_cmdline(config.cmdline),
+            cmdline=(live_cmdline(config.cmdline) if root_partition is None else
+                     installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
         )
         shutil.copyfile(info.kernel.image, boot_dir / "vmlinuz")
-        with timer.stage("initrd", f"Building the initrd with the image's dracut (kernel {info.kernel.version})"):
-            build_initrd(info, boot_dir / "initrd.img", scratch / "initrd")
-        with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
-            build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
+        with timer.stage("initrd", f"Building the {config.layout} initrd with the image's dracut "
+                         f"(kernel {info.kernel.version})"):
+            build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
+                         root_partition.fstype if root_partition else None)
+        if root_partition is None:
+            with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
+                build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
         firmware = ["uefi", "bios"] if config.bios else ["uefi"]
         with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
             loaders = [install_bootloader(staging / "esp", entry, root, scratch)]
             if config.bios:
                 loaders.append(bios.install_files(staging / "esp", entry))
         if config.diskimage:
-            with timer.stage("disk", f"Assembling disk.img ({config.table.upper()}) with systemd-repart"):
-                build_disk(staging / "esp", staging / "disk.img", scratch, config.table)
+            what = f"{config.table.upper()}" + (f", {config.rootfs_type} root partition" if installed else "")
+            with timer.stage("disk", f"Assembling disk.img ({what}) with systemd-repart"):
+                build_disk(staging / "esp", staging / "disk.img", scratch, table=config.table, root=root_partition,
+                           size=config.size_bytes)
                 if config.bios:
                     bios.install_boot_code(staging / "disk.img")
         manifest = build_manifest(staging, info=info, source=dict(config.source), cmdline=entry.cmdline,
                                   boot={"firmware": firmware, "bootloader": " + ".join(loaders),
                                         "partition_table": config.table if config.diskimage else None,
-                                        "root_image": f"squashfs ({config.compression})"},
+                                        "layout": config.layout, "root": root_description(config, root_partition)},
                                   timings=timer.seconds)
         write_manifest(staging, manifest)
+
+
+def root_description(config: Config, root_partition: rootpartition.RootPartition | None) -> str:
+    """For the manifest: where the booted system's root comes from."""
+    if root_partition is None:
+        return f"squashfs.img ({config.compression}) with a tmpfs overlay"
+    return f"{root_partition.fstype} partition PARTUUID={root_partition.partuuid}, read-write"
 
 
 def assemble(rootfs: Path, config: Config) -> BuildResult:

@@ -42,12 +42,12 @@ def accelerator() -> str:
     return os.environ.get("C2BOOT_QEMU_ACCEL", "tcg,thread=multi")
 
 
-def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path) -> list[str]:
+def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path, snapshot: bool = True) -> list[str]:
     argv = [
         require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", accelerator(), "-smp", "2", "-m", "2048",
         "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{console_log}",
-        # snapshot=on: the built image is never written to.
-        "-drive", f"file={disk},format=raw,if=virtio,snapshot=on",
+        # snapshot=on: the built image is never written to (off only for a disk that should keep the changes).
+        "-drive", f"file={disk},format=raw,if=virtio,snapshot={'on' if snapshot else 'off'}",
     ]
     if firmware == "uefi":
         code, variables = find_ovmf()
@@ -60,14 +60,16 @@ def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path) ->
     return argv
 
 
-def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: float = 300) -> BootResult:
-    """Boot `disk` until the console shows a line matching `pattern` (regex), or `timeout` seconds pass."""
+def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: float = 300,
+               snapshot: bool = True) -> BootResult:
+    """Boot `disk` until the console shows a line matching `pattern` (regex), or `timeout` seconds pass.
+    With `snapshot` False the guest writes to `disk` (QEMU is stopped like a power cut, after a match)."""
     wanted = re.compile(pattern, re.MULTILINE)
     with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
         scratch = Path(tmp)
         console_log = scratch / "console.log"
         console_log.touch()
-        process = subprocess.Popen(qemu_command(disk, firmware, scratch, console_log),
+        process = subprocess.Popen(qemu_command(disk, firmware, scratch, console_log, snapshot),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         start = time.monotonic()
         console = ""

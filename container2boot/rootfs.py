@@ -107,8 +107,9 @@ def find_dracut_modules(root: Path) -> frozenset[str]:
     return frozenset(re.sub(r"^\d+", "", entry.name) for entry in modules_dir.iterdir())
 
 
-def inspect(root: Path) -> RootfsInfo:
-    """Read what a live boot needs from the rootfs; fail with the package to add when something is missing."""
+def inspect(root: Path, live: bool = True) -> RootfsInfo:
+    """Read what booting needs from the rootfs (a live boot: also dmsquash-live); fail with the package to add
+    when something is missing."""
     if not root.is_dir():
         raise C2BootError(f"rootfs {root} is not a directory")
     os_release = read_os_release(root)
@@ -119,9 +120,9 @@ def inspect(root: Path) -> RootfsInfo:
                           + package_hint(KERNEL_PACKAGES, os_release))
     dracut_modules = find_dracut_modules(root)
     if not dracut_modules:
-        raise C2BootError(f"{name} has no dracut, which builds the live initrd: "
+        raise C2BootError(f"{name} has no dracut, which builds the initrd: "
                           + package_hint(DRACUT_PACKAGES, os_release))
-    if "dmsquash-live" not in dracut_modules:
+    if live and "dmsquash-live" not in dracut_modules:
         raise C2BootError(f"{name} has dracut but not its dmsquash-live module, which boots the root image: "
                           + package_hint(DRACUT_PACKAGES, os_release))
     return RootfsInfo(root, os_release, kernels[0], dracut_modules)

@@ -9,6 +9,8 @@ _environment = jinja2.Environment(
     loader=jinja2.PackageLoader("container2boot", "templates"),
     undefined=jinja2.StrictUndefined,
     keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
     autoescape=False,
 )
 

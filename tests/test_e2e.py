@@ -96,8 +96,10 @@ def test_ctrl_c_during_assemble_leaves_nothing(example_build: Path, tmp_path: Pa
                                stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:
-        if "Building the initrd" in line:
+        if line.startswith("==> Building the live initrd"):
             break
+    else:
+        raise AssertionError("the build never reached the initrd stage")
     time.sleep(2)
     process.send_signal(signal.SIGINT)
     rest = process.stderr.read()

@@ -1,0 +1,148 @@
+"""The installed layout without podman: settings, sizing, the root partition's overlay (fstab, grow rule), its
+repart definition, the kernel command line and dracut's command line."""
+
+from pathlib import Path
+
+import pytest
+
+from container2boot.bootloader import installed_cmdline
+from container2boot.config import Config, parse_size
+from container2boot.disk import MiB, check_disk_size, disk_size_needed, render_definitions
+from container2boot.errors import C2BootError
+from container2boot.initrd import dracut_command
+from container2boot.rootfs import inspect
+from container2boot.rootpartition import FSTAB, GROW_RULE, content_bytes, fstab_lines_without_root, prepare, root_size
+from container2boot.templates import render
+from tests.conftest import c2boot
+from tests.test_rootfs import make_rootfs
+
+
+@pytest.mark.parametrize(("text", "size"), [("4G", 4 * 1024**3), ("1500M", 1500 * MiB), ("4GiB", 4 * 1024**3),
+                                            ("2.5G", int(2.5 * 1024**3)), ("512k", 512 * 1024), ("4096", 4096)])
+def test_sizes_are_parsed_in_powers_of_1024(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "4X", "G", "-1G", "0"])
+def test_bad_sizes_say_what_a_size_looks_like(text: str) -> None:
+    with pytest.raises(C2BootError, match=r"is not a size: use e\.g\. 4G or 1500M"):
+        Config(diskimage=True, layout="installed", size=text)
+
+
+def test_installed_settings_that_cannot_work_are_refused() -> None:
+    with pytest.raises(C2BootError, match="add --diskimage"):
+        Config(layout="installed")
+    with pytest.raises(C2BootError, match="GPT disks only"):
+        Config(layout="installed", diskimage=True, bios=True, table="mbr")
+    with pytest.raises(C2BootError, match="drop it for --layout installed"):
+        Config(layout="installed", diskimage=True, compression="xz")
+    with pytest.raises(C2BootError, match="add --layout installed"):
+        Config(diskimage=True, size="4G")
+    with pytest.raises(C2BootError, match="add --layout installed"):
+        Config(diskimage=True, rootfs_type="xfs")
+    with pytest.raises(C2BootError, match="unknown rootfs type 'zfs'"):
+        Config(diskimage=True, layout="installed", rootfs_type="zfs")
+    assert Config(diskimage=True, layout="installed", size="4G").size_bytes == 4 * 1024**3
+
+
+def test_root_size_leaves_room_and_respects_mkfs_minimums() -> None:
+    assert root_size(400 * MiB, "ext4") == 628 * MiB  # +25 % and 128 MiB
+    assert root_size(1 * MiB, "xfs") == 300 * MiB
+
+
+def test_content_bytes_counts_blocks(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/a").write_bytes(b"x")
+    (tmp_path / "d/b").write_bytes(b"x" * 4097)
+    assert content_bytes(tmp_path) == (2 * 4096 + 4096) + (4096 + 256) + (8192 + 256)  # dirs, then files + inodes
+
+
+def test_image_fstab_keeps_its_entries_but_not_its_root() -> None:
+    fstab = "# comment\nUUID=1 / ext4 ro 0 1\n/dev/sdb1 /data xfs defaults 0 0\n\n"
+    assert fstab_lines_without_root(fstab) == ["# comment", "/dev/sdb1 /data xfs defaults 0 0", ""]
+
+
+def test_overlay_has_fstab_by_partuuid_and_grow_rule(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root")
+    (root / "etc").mkdir()
+    (root / FSTAB).write_text("# UNCONFIGURED FSTAB\nproc /proc proc defaults 0 0\n")
+    partition = prepare(root, "ext4", tmp_path / "work")
+    assert partition.overlay_files == (FSTAB, GROW_RULE) and partition.replaced == (FSTAB,)
+    fstab = (partition.overlay / FSTAB).read_text().splitlines()
+    assert fstab[:2] == ["# UNCONFIGURED FSTAB", "proc /proc proc defaults 0 0"]
+    assert fstab[-1] == f"PARTUUID={partition.partuuid} / ext4 defaults,x-systemd.growfs 0 1"
+    assert "[Partition]\nType=root\n" in (partition.overlay / GROW_RULE).read_text()
+    assert partition.min_bytes >= 64 * MiB
+
+
+def test_image_with_its_own_repart_rules_gets_no_grow_rule(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root")
+    (root / "usr/lib/repart.d").mkdir(parents=True)
+    (root / "usr/lib/repart.d/50-root.conf").write_text("[Partition]\nType=root\n")
+    partition = prepare(root, "xfs", tmp_path / "work")
+    assert partition.overlay_files == (FSTAB,) and partition.replaced == ()
+    assert (partition.overlay / FSTAB).read_text().splitlines()[-1].endswith(" / xfs defaults,x-systemd.growfs 0 0")
+
+
+def test_root_partition_definition(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root")
+    (root / "etc").mkdir()
+    (root / FSTAB).write_text("")
+    partition = prepare(root, "ext4", tmp_path / "work")
+    render_definitions(tmp_path / "defs", tmp_path / "esp", 100 * MiB, partition)
+    lines = (tmp_path / "defs/20-root.conf").read_text().splitlines()
+    assert [line for line in lines if not line.startswith("#")] == [
+        "[Partition]", "Type=root", "Label=container2boot-root", f"UUID={partition.partuuid}", "Format=ext4",
+        f"CopyFiles={root}:/", f"ExcludeFiles={root}/etc/fstab",
+        f"CopyFiles={partition.overlay}/etc/fstab:/etc/fstab",
+        f"CopyFiles={partition.overlay}/{GROW_RULE}:/{GROW_RULE}",
+        f"SizeMinBytes={partition.min_bytes}",
+    ]
+    assert (tmp_path / "defs/10-esp.conf").is_file()
+
+
+def test_too_small_size_names_a_size_that_fits(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path / "root")
+    partition = prepare(root, "ext4", tmp_path / "work")
+    needed = disk_size_needed(60 * MiB, partition)
+    assert needed == 60 * MiB + partition.min_bytes + 2 * MiB
+    with pytest.raises(C2BootError, match=r"--size 100M is smaller than the 191M the content needs: use --size 200M "
+                                          r"or more, or leave --size out"):
+        check_disk_size(100 * MiB, needed)
+    check_disk_size(needed, needed)
+    check_disk_size(None, needed)
+
+
+def test_installed_kernel_command_line_finds_root_by_partuuid_read_write() -> None:
+    cmdline = installed_cmdline("1234-abcd", "ext4", "quiet")
+    assert cmdline == "root=PARTUUID=1234-abcd rootfstype=ext4 rw console=tty0 console=ttyS0,115200 quiet"
+    assert "/dev/" not in cmdline
+
+
+def test_installed_initrd_has_the_filesystem_driver_and_no_live_modules(tmp_path: Path) -> None:
+    info = inspect(make_rootfs(tmp_path / "root", live=False), live=False)
+    argv = dracut_command(info, "ext4")
+    assert "dmsquash-live" not in " ".join(argv) and "--add" not in argv
+    assert argv[argv.index("--add-drivers") + 1].split()[-1] == "ext4"
+    live = dracut_command(inspect(make_rootfs(tmp_path / "live")))
+    assert live[live.index("--add") + 1] == "dmsquash-live"
+
+
+def test_an_image_without_the_live_module_can_still_be_installed(tmp_path: Path) -> None:
+    root = make_rootfs(tmp_path, live=False)
+    with pytest.raises(C2BootError, match="dmsquash-live"):
+        inspect(root)
+    assert inspect(root, live=False).kernel.version == "6.12.1-amd64"
+
+
+def test_cli_refuses_installed_without_diskimage_at_once(tmp_path: Path) -> None:
+    result = c2boot("build", "--layout", "installed", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "c2boot: error: --layout installed puts the root partition into disk.img: add " \
+        "--diskimage"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fstab_template_without_image_entries() -> None:
+    text = render("fstab.j2", kept=[], partuuid="u", fstype="btrfs", passno=0)
+    assert text.splitlines()[-1] == "PARTUUID=u / btrfs defaults,x-systemd.growfs 0 0"
