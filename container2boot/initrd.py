@@ -42,8 +42,8 @@ def dracut_command(info: RootfsInfo, root_fstype: str | None = None) -> list[str
     if root_fstype is None:
         modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
         drivers = f"{DISK_DRIVERS} {LIVE_DRIVERS}"
-    else:
-        modules = [m for m in (root_fstype,) if m in info.dracut_modules]  # dracut's btrfs module, for one
+    else:  # the kernel driver is enough for a one-device root (dracut's btrfs module needs btrfs-progs)
+        modules = []
         drivers = f"{DISK_DRIVERS} {root_fstype}"
     add = ["--add", " ".join(modules)] if modules else []
     return [
@@ -58,4 +58,4 @@ def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str |
         "unshare", "--user", "--map-root-user", "--mount", "--",
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", info.root.absolute(), scratch.absolute(), dest.absolute(),
         *dracut_command(info, root_fstype),
-    ])
+    ], name="dracut (the image's, in a user namespace)")

@@ -60,14 +60,16 @@ def run(
     capture: bool = False,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    name: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
 
     Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
-    `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin.
+    `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin; `name` is what
+    errors call the tool when argv[0] is only a wrapper around it.
     """
     args = [str(a) for a in argv]
-    tool = Path(args[0]).name
+    tool = name or Path(args[0]).name
     require_tool(args[0])
     logger.debug("$ %s", shlex.join(args))
     try:

@@ -73,3 +73,11 @@ def test_too_small_size_fails_before_the_slow_steps(example_build: Path, tmp_pat
                         r"or more, or leave --size out", last), last
     assert "initrd" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fstype", ["xfs", "btrfs"])
+def test_other_root_filesystems_boot_read_write(example_build: Path, tmp_path: Path, fstype: str) -> None:
+    out = tmp_path / "out"
+    c2boot("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--layout", "installed", "--rootfs-type", fstype,
+           "-o", out)
+    assert boot_writable(out / "disk.img", "uefi")[:2] == (fstype, "rw")

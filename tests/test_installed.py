@@ -48,6 +48,7 @@ def test_installed_settings_that_cannot_work_are_refused() -> None:
 def test_root_size_leaves_room_and_respects_mkfs_minimums() -> None:
     assert root_size(400 * MiB, "ext4") == 628 * MiB  # +25 % and 128 MiB
     assert root_size(1 * MiB, "xfs") == 300 * MiB
+    assert root_size(400 * MiB, "btrfs") == 1140 * MiB  # mkfs.btrfs --rootdir needs much more metadata room
 
 
 def test_content_bytes_counts_blocks(tmp_path: Path) -> None:
