@@ -2,6 +2,7 @@
 hands it to the pipeline. Errors become one line on stderr and a non-zero exit."""
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from container2boot import __version__
 from container2boot.config import SETTINGS, Command, Config, Setting, load_config_file, make_config
 from container2boot.errors import C2BootError
 from container2boot.log import logger, setup_logging
+from container2boot.rootfs import Report
 
 app = typer.Typer(
     help="Turn a container image into a bootable disk image, as a normal user: no sudo, no loop devices, "
@@ -133,6 +135,78 @@ def assemble(
 
     result = run_assemble(rootfs, config)
     _report(result.output, result.disk is not None)
+
+
+@app.command("inspect")
+@with_settings("inspect")
+def inspect_command(
+    image: str = typer.Argument(..., help="A podman image reference, a rootfs directory, or a tar of one.",
+                                show_default=False, metavar="IMAGE"),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON.", metavar=""),
+    *,
+    config: Config,
+) -> None:
+    """Say whether an image can boot, and what to add if not, without building anything (exit 1: it cannot).
+
+    \b
+    c2boot inspect localhost/container2boot/machine:latest
+    c2boot inspect docker.io/library/debian:trixie --json
+    c2boot inspect ./rootfs.tar --layout installed
+    """
+    from container2boot.pipeline import inspect_image
+
+    report = inspect_image(image)
+    if json_output:
+        print(json.dumps(report.as_json(config.layout), indent=2))
+    else:
+        print(format_report(report, config.layout))
+    if report.missing(config.layout):
+        raise typer.Exit(EXIT_ERROR)
+
+
+def format_report(report: Report, layout: str) -> str:
+    """The human-readable `c2boot inspect` report."""
+    data = report.as_json(layout)
+    kernels = ", ".join(f"{k['version']}{'' if k['modules'] else ' (no modules)'}" for k in data["kernels"])
+    dracut = data["dracut"]
+    rows = [
+        ("system", f"{report.name} ({data['family']}, {report.architecture or 'unknown architecture'}, "
+                   f"{report.size_bytes / 1e6:.0f} MB)"),
+        ("kernels", kernels or "none"),
+        ("init", report.init),
+        ("dracut", f"{dracut['version']}, live modules: {', '.join(dracut['live_modules']) or 'none'}"
+         if dracut["version"] else "no" + (" (initramfs-tools instead)" if report.initramfs_tools else "")),
+        ("secure boot", f"signed shim and GRUB ({report.signed_loader})" if report.signed_loader
+         else "no signed shim/GRUB: boots with Secure Boot off"),
+        ("selinux", f"{report.selinux_policy} policy" if report.selinux_policy else "no policy"),
+        ("bootc", "yes (containers.bootc label)" if report.bootc else "no"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name:<{width}}  {value}" for name, value in rows]
+    mark = "OK" if not report.missing(layout) else "CANNOT BOOT"
+    return "\n".join([*lines, f"{mark}: {report.verdict(layout)}"])
+
+
+@app.command()
+def doctor(
+    output: Path = typer.Option(Path("out"), "--output", "-o", help="The output directory whose free space counts.",
+                                metavar="DIR"),
+) -> None:
+    """Check this host for what build, run and test need; each line OK, WARN or FAIL with the fix (exit 1 on FAIL).
+
+    \b
+    c2boot doctor
+    """
+    from container2boot.doctor import run_checks
+
+    setup_logging(False)
+    checks = run_checks(output)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.status == "FAIL"]
+    print(f"{len(failed)} problem(s) stop builds here" if failed else "This host can build container2boot images.")
+    if failed:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def _version(value: bool) -> None:

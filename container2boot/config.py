@@ -22,7 +22,7 @@ SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
-Command = Literal["build", "assemble"]
+Command = Literal["build", "assemble", "inspect"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Setting:
 
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
+ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("output", Path, Path("out"), "Directory to write esp/, disk.img and manifest.json into.",
@@ -61,7 +62,7 @@ SETTINGS: tuple[Setting, ...] = (
             choices=PARTITION_TABLES, panel="Boot"),
     Setting("layout", str, "live", "live: the root is a read-only squashfs with a tmpfs overlay, changes are lost at "
             "reboot. installed: disk.img gets a writable root partition holding the image's filesystem, like a "
-            "normal installation.", ("--layout",), BOTH, choices=LAYOUTS, panel="Boot"),
+            "normal installation (implies --diskimage).", ("--layout",), ALL, choices=LAYOUTS, panel="Boot"),
     Setting("size", str, None, "Size of disk.img for --layout installed, e.g. 4G or 1500M; the root partition "
             "fills it (default: the content plus room).", ("--size",), BOTH, metavar="SIZE", panel="Boot"),
     Setting("rootfs_type", str, "ext4", "Filesystem of the root partition for --layout installed.",
@@ -88,7 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mirror", str, DEFAULT_MIRROR, "Debian mirror for bootstrapping the base image with mmdebstrap.",
             ("--mirror",), BUILD, metavar="URL", panel="Machine image"),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
-            ("--verbose", "-v"), BOTH),
+            ("--verbose", "-v"), ALL),
 )
 SETTINGS_BY_NAME: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
 
@@ -118,21 +119,13 @@ class Config:
     source: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.compression not in COMPRESSIONS:
-            raise C2BootError(f"unknown compression {self.compression!r}: use one of {', '.join(COMPRESSIONS)}")
-        if self.table not in PARTITION_TABLES:
-            raise C2BootError(f"unknown partition table {self.table!r}: use one of {', '.join(PARTITION_TABLES)}")
-        if self.table == "mbr" and not self.diskimage:
-            raise C2BootError("--table describes disk.img: add --diskimage")
-        if self.table == "mbr" and not self.bios:
-            raise C2BootError("--table mbr is for BIOS machines: add --bios (the MBR disk boots with UEFI too)")
-        for name, value, choices in (("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type,
-                                                                          ROOTFS_TYPES)):
+        for name, value, choices in (("compression", self.compression, COMPRESSIONS),
+                                     ("partition table", self.table, PARTITION_TABLES),
+                                     ("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type, ROOTFS_TYPES)):
             if value not in choices:
                 raise C2BootError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
         if self.layout == "installed":
-            if not self.diskimage:
-                raise C2BootError("--layout installed puts the root partition into disk.img: add --diskimage")
+            object.__setattr__(self, "diskimage", True)  # the root partition lives in disk.img
             if self.table == "mbr":
                 raise C2BootError("--layout installed makes GPT disks only: drop --table mbr (--bios works with GPT)")
             if self.compression != "zstd":
@@ -141,6 +134,10 @@ class Config:
             raise C2BootError("--size and --rootfs-type apply to --layout installed: add --layout installed")
         if self.size is not None:
             parse_size(self.size)
+        if self.table == "mbr" and not self.diskimage:
+            raise C2BootError("--table describes disk.img: add --diskimage")
+        if self.table == "mbr" and not self.bios:
+            raise C2BootError("--table mbr is for BIOS machines: add --bios (the MBR disk boots with UEFI too)")
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:

@@ -48,7 +48,7 @@ def dracut_command(info: RootfsInfo, root_fstype: str | None = None) -> list[str
     add = ["--add", " ".join(modules)] if modules else []
     return [
         "dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline",
-        "--kver", info.kernel.version, *add, "--add-drivers", drivers,
+        "--kver", info.kernel_version, *add, "--add-drivers", drivers,
     ]
 
 

@@ -28,15 +28,6 @@ def artifacts(out: Path) -> list[dict[str, Any]]:
     return [{"path": str(p.relative_to(out)), "size": p.stat().st_size, "sha256": sha256(p)} for p in files]
 
 
-def dracut_version(root: Path) -> str | None:
-    version_file = root / "usr/lib/dracut/dracut-version.sh"
-    if version_file.is_file():
-        for line in version_file.read_text().splitlines():
-            if line.startswith("DRACUT_VERSION="):
-                return line.partition("=")[2].strip("\"'")
-    return None
-
-
 def build_manifest(
     out: Path,
     *,
@@ -47,14 +38,14 @@ def build_manifest(
     timings: dict[str, float],
 ) -> dict[str, Any]:
     tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
-    tools["dracut (image)"] = dracut_version(info.root)
+    tools["dracut (image)"] = info.dracut_version
     return {
         "manifest_version": MANIFEST_VERSION,
         "container2boot": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "os_release": {k: info.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in info.os_release},
-        "kernel": {"version": info.kernel.version, "cmdline": cmdline},
+        "kernel": {"version": info.kernel_version, "cmdline": cmdline},
         "boot": boot,
         "tools": tools,
         "artifacts": artifacts(out),

@@ -2,6 +2,7 @@
 `assemble` inside the rootbuilder container. Both return a BuildResult; failures raise C2BootError."""
 
 import shutil
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from container2boot.initrd import build_initrd
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import build_manifest, read_manifest, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, staged_output
-from container2boot.rootfs import inspect
+from container2boot.rootfs import Report, examine, inspect
 from container2boot.rootimage import build_root_image
 from container2boot.run import run
+from container2boot.tree import Tree
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         with timer.stage("inspect", f"Inspecting {rootfs}"):
             info = inspect(root, live=not installed)
             root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
-        logger.info("    %s, kernel %s", info.pretty_name, info.kernel.version)
+        logger.info("    %s, kernel %s", info.pretty_name, info.kernel_version)
         if root_partition is not None:
             check_disk_size(config.size_bytes,
-                            disk_size_needed(estimate_esp(info.kernel.image.stat().st_size), root_partition))
+                            disk_size_needed(estimate_esp(info.kernel_image.stat().st_size), root_partition))
         boot_dir = staging / "esp" / BOOT_DIR
         boot_dir.mkdir(parents=True)
         entry = BootEntry(
@@ -76,9 +78,9 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
             cmdline=(live_cmdline(config.cmdline) if root_partition is None else
                      installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
         )
-        shutil.copyfile(info.kernel.image, boot_dir / "vmlinuz")
+        shutil.copyfile(info.kernel_image, boot_dir / "vmlinuz")
         with timer.stage("initrd", f"Building the {config.layout} initrd with the image's dracut "
-                         f"(kernel {info.kernel.version})"):
+                         f"(kernel {info.kernel_version})"):
             build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
                          root_partition.fstype if root_partition else None)
         if root_partition is None:
@@ -119,6 +121,24 @@ def assemble(rootfs: Path, config: Config) -> BuildResult:
     return _result(config.output)
 
 
+def inspect_image(source: str) -> Report:
+    """`c2boot inspect`: a rootfs directory, a tar of one (`podman export`), or a podman image reference."""
+    path = Path(source)
+    if path.is_dir():
+        return examine(Tree.from_directory(path))
+    if path.is_file():
+        try:
+            with path.open("rb") as stream:
+                return examine(Tree.from_tar(stream))
+        except tarfile.TarError as e:
+            raise C2BootError(f"{source} is not a tar of a root filesystem ({e}): pass a directory, a tar "
+                              "(e.g. from `podman export`) or an image reference") from None
+    from container2boot import podman  # podman-py is only needed on the host side
+
+    with podman.session() as session:
+        return session.examine(source)
+
+
 def build(config: Config) -> BuildResult:
     """Build (or take) the machine image with podman and assemble it in the rootbuilder container."""
     from container2boot import podman  # podman-py is only needed on the host side
@@ -126,6 +146,10 @@ def build(config: Config) -> BuildResult:
     timer = StageTimer()
     with podman.session() as session, staged_output(config.output, config.force) as staging:
         image = session.machine_image(config, timer)
+        with timer.stage("check", f"Checking that {image.reference} can boot"):
+            report = session.examine(image.image_id)
+        report.check(config.layout)  # before the slow steps: the rootbuilder, the initrd, the root image
+        logger.info("    %s, kernel %s", report.name, report.kernel.version if report.kernel else "?")
         with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
             rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
         with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):

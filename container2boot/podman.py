@@ -4,6 +4,7 @@ and the assemble container. Everything started here is stopped and removed again
 import fnmatch
 import getpass
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -12,7 +13,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +26,9 @@ from podman.errors import APIError, ImageNotFound, PodmanError
 from container2boot.config import Config, command_line
 from container2boot.errors import C2BootError
 from container2boot.log import StageTimer, logger
+from container2boot.rootfs import Report, examine
 from container2boot.run import check_version, require_tool
+from container2boot.tree import Tree
 
 ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
@@ -277,6 +280,26 @@ class Session:
         logger.info("    no --secret id=chpass given: the demo user's password is %s", password)
         return f"id=chpass,src={creds}"
 
+    def examine(self, reference: str) -> Report:
+        """Inspect an image's filesystem without building or mounting anything: one pass over the tar stream of a
+        created (never started) container, plus the image's own metadata."""
+        try:
+            image = self.client.images.get(reference)
+        except ImageNotFound:
+            raise C2BootError(f"image {reference} not found: check the name with `podman images`, or pass a "
+                              "directory or a tar of a root filesystem") from None
+        container = self.client.containers.create(image.id, command=["true"],
+                                                  labels={"io.container2boot.role": "inspect"})
+        try:
+            tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export()), 1024 * 1024))
+        finally:
+            try:
+                container.remove(force=True)
+            except (APIError, PodmanError) as e:
+                logger.warning("could not remove container %s: %s", container.id[:12], e)
+        return examine(tree, labels=image.attrs.get("Labels") or {},
+                       architecture=image.attrs.get("Architecture"))
+
     # The assemble container ---------------------------------------------------------------------------------
 
     def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config) -> None:
@@ -308,6 +331,28 @@ class Session:
                 container.remove(force=True)
             except (APIError, PodmanError) as e:
                 logger.warning("could not remove container %s: %s", container.id[:12], e)
+
+
+class ChunkReader(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (podman-py's export stream), for tarfile's stream mode."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = iter(chunks)
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
 
 
 def secrets_token() -> str:

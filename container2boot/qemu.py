@@ -10,9 +10,11 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from container2boot.errors import C2BootError
+from container2boot.log import logger
 from container2boot.run import require_tool
 
 OVMF_PAIRS = (  # (code, vars template), first match wins
@@ -37,9 +39,54 @@ def find_ovmf() -> tuple[Path, Path]:
     raise C2BootError("OVMF (UEFI firmware for QEMU) not found: install ovmf (Debian) / edk2-ovmf (Fedora)")
 
 
+KVM_PROBE_SECONDS = 20
+KVM_FAILURES = ("KVM internal error", "emulation failure", "failed to initialize kvm", "Could not access KVM")
+
+
+@cache
+def kvm_usable() -> tuple[bool, str]:
+    """Whether KVM really runs a guest here, and why not. A /dev/kvm node proves nothing: on some hosts (nested or
+    software KVM) it exists and every guest dies with "KVM internal error". So boot OVMF under KVM for a moment:
+    firmware output on the serial port means KVM works."""
+    if not os.path.exists("/dev/kvm"):
+        return False, "no /dev/kvm (no hardware virtualization, or the kvm module is not loaded)"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is not accessible to this user: add the user to the kvm group"
+    code, _ = find_ovmf()
+    with tempfile.TemporaryDirectory(prefix="c2boot-kvm-") as tmp:
+        serial, stderr = Path(tmp) / "serial.log", Path(tmp) / "stderr.log"
+        serial.touch()
+        with stderr.open("w") as errors_file:
+            process = subprocess.Popen(
+                [require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", "kvm", "-m", "256", "-nodefaults",
+                 "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
+                 "-drive", f"if=pflash,format=raw,readonly=on,file={code}"],
+                stdout=subprocess.DEVNULL, stderr=errors_file)
+        try:
+            deadline = time.monotonic() + KVM_PROBE_SECONDS
+            while (time.monotonic() < deadline and process.poll() is None and serial.stat().st_size == 0
+                   and not any(f in stderr.read_text(errors="replace") for f in KVM_FAILURES)):
+                time.sleep(0.2)
+            booted = serial.stat().st_size > 0
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+        errors = stderr.read_text(errors="replace")
+    failure = next((line for line in errors.splitlines() if any(f in line for f in KVM_FAILURES)), None)
+    if failure or not booted:
+        return False, f"/dev/kvm exists but cannot run a guest here ({failure or 'no firmware output'})"
+    return True, "KVM runs guests"
+
+
 def accelerator() -> str:
-    """TCG unless C2BOOT_QEMU_ACCEL says otherwise: a /dev/kvm node does not prove that KVM runs guests."""
-    return os.environ.get("C2BOOT_QEMU_ACCEL", "tcg,thread=multi")
+    """KVM where it really runs guests, else software emulation (TCG); C2BOOT_QEMU_ACCEL overrides both."""
+    if forced := os.environ.get("C2BOOT_QEMU_ACCEL"):
+        return forced
+    usable, why = kvm_usable()
+    if usable:
+        return "kvm"
+    logger.info("    %s: using software emulation (TCG), which is slower", why)
+    return "tcg,thread=multi"
 
 
 def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path, snapshot: bool = True) -> list[str]:

@@ -1,42 +1,149 @@
-"""Rootfs inspection: what the machine image contains that booting depends on (os-release, kernel, dracut)."""
+"""Rootfs inspection: what a machine image contains that booting depends on, and what to add when something is
+missing, by distribution family. The same checks serve `c2boot inspect`, the check `c2boot build` makes before
+any slow step, and the assemble stage."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from container2boot.bootloader import SIGNED_LOADERS
 from container2boot.errors import C2BootError
+from container2boot.tree import Tree
 
-# Which package provides a kernel / dracut, by distribution family (os-release ID or ID_LIKE).
-KERNEL_PACKAGES = {
-    "debian": "linux-image-amd64",
-    "ubuntu": "linux-image-generic",
-    "fedora": "kernel",
-    "rhel": "kernel",
-    "arch": "linux",
-    "alpine": "linux-lts",
+FAMILIES = {"debian": "Debian/Ubuntu", "ubuntu": "Debian/Ubuntu", "fedora": "Fedora", "rhel": "RHEL/Alma/Rocky",
+            "arch": "Arch", "alpine": "Alpine"}
+# What provides each need, by distribution family (os-release ID or ID_LIKE).
+PACKAGES: dict[str, dict[str, str]] = {
+    "kernel": {"debian": "linux-image-amd64", "ubuntu": "linux-image-generic", "fedora": "kernel",
+               "rhel": "kernel", "arch": "linux", "alpine": "linux-lts"},
+    "dracut": {"debian": "dracut", "ubuntu": "dracut", "fedora": "dracut", "rhel": "dracut", "arch": "dracut",
+               "alpine": "dracut"},
+    "dmsquash-live": {"debian": "dracut-live", "ubuntu": "dracut-live", "fedora": "dracut-live",
+                      "rhel": "dracut-live", "arch": "dracut", "alpine": "dracut"},
+    "init": {"debian": "systemd-sysv", "ubuntu": "systemd-sysv", "fedora": "systemd", "rhel": "systemd",
+             "arch": "systemd", "alpine": "openrc"},
 }
-DRACUT_PACKAGES = {
-    "debian": "dracut dracut-live",
-    "ubuntu": "dracut dracut-live",
-    "fedora": "dracut dracut-live",
-    "rhel": "dracut dracut-live",
-    "arch": "dracut",
-    "alpine": "dracut",
+PROBLEMS = {  # "IMAGE has ..."
+    "kernel": "no kernel (no vmlinuz beside /usr/lib/modules/*, or no modules for it)",
+    "dracut": "no dracut, which builds the initrd",
+    "dmsquash-live": "dracut but not its dmsquash-live module, which boots the live root image",
+    "init": "no init system (/sbin/init)",
 }
+ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x03: "i386", 0x28: "arm", 0xF3: "riscv64", 0x15: "ppc64",
+                0x16: "s390x"}
+SELINUX_TYPE = re.compile(r"^SELINUXTYPE=(\S+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
 class Kernel:
     version: str
-    image: Path  # the vmlinuz file inside the rootfs
+    image: str  # the vmlinuz file's path inside the rootfs
+    has_modules: bool
+
+
+@dataclass(frozen=True)
+class Report:
+    """What an image holds that booting depends on; `missing()` says what stops it from booting."""
+
+    os_release: dict[str, str]
+    architecture: str | None
+    kernels: list[Kernel]  # newest first
+    init: str  # systemd, openrc, sysvinit or none
+    dracut_version: str | None  # None: no dracut
+    dracut_modules: frozenset[str]
+    initramfs_tools: bool
+    signed_loader: str | None  # the vendor of a signed shim + GRUB: Secure Boot possible
+    selinux_policy: str | None
+    size_bytes: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.os_release.get("PRETTY_NAME", self.os_release.get("ID", "the image"))
+
+    @property
+    def family(self) -> str:
+        """The distribution family we know package names for, from ID then ID_LIKE."""
+        ids = [self.os_release.get("ID", ""), *self.os_release.get("ID_LIKE", "").split()]
+        return next((i for i in ids if i in FAMILIES), ids[0] or "unknown")
+
+    @property
+    def kernel(self) -> Kernel | None:
+        return next((k for k in self.kernels if k.has_modules), None)
+
+    @property
+    def bootc(self) -> bool:
+        return self.labels.get("containers.bootc") == "1"
+
+    def missing(self, layout: str = "live") -> list[str]:
+        """The needs (keys of PACKAGES) this image lacks for `layout`."""
+        needs = []
+        if self.kernel is None:
+            needs.append("kernel")
+        if self.dracut_version is None:
+            needs.append("dracut")
+        if layout == "live" and "dmsquash-live" not in self.dracut_modules:
+            needs.append("dmsquash-live")
+        if self.init == "none":
+            needs.append("init")
+        return needs
+
+    def packages(self, needs: list[str]) -> str:
+        """'add `pkg pkg` to the image' for this family, or every family's names when the family is unknown."""
+        if self.family in FAMILIES:
+            names = dict.fromkeys(PACKAGES[n][self.family] for n in needs)  # ordered, without repeats
+            return f"add `{' '.join(names)}` to the image (e.g. in its Containerfile)"
+        by_family = {f: " ".join(dict.fromkeys(PACKAGES[n][f] for n in needs)) for f in ("debian", "fedora", "arch")}
+        return "add " + ", ".join(f"`{p}` ({FAMILIES[f]})" for f, p in by_family.items()) + " to the image"
+
+    def verdict(self, layout: str = "live") -> str:
+        needs = self.missing(layout)
+        if not needs:
+            return f"{self.name} can boot ({layout} layout) as it is"
+        shown = [n for n in needs if not (n == "dmsquash-live" and "dracut" in needs)]  # no dracut says it all
+        problems = "; ".join(PROBLEMS[n] for n in shown)
+        note = " (it uses initramfs-tools; dracut replaces it)" if self.initramfs_tools and "dracut" in needs else ""
+        return f"{self.name} has {problems}{note}: {self.packages(needs)}"
+
+    def check(self, layout: str = "live") -> None:
+        """Fail with the verdict when the image cannot boot in `layout`."""
+        if self.missing(layout):
+            raise C2BootError(self.verdict(layout))
+
+    def as_json(self, layout: str = "live") -> dict[str, Any]:
+        needs = self.missing(layout)
+        return {
+            "os_release": self.os_release,
+            "family": FAMILIES.get(self.family, self.family),
+            "architecture": self.architecture,
+            "kernels": [{"version": k.version, "image": "/" + k.image, "modules": k.has_modules}
+                        for k in self.kernels],
+            "init": self.init,
+            "dracut": {"version": self.dracut_version, "live_modules": sorted(
+                m for m in self.dracut_modules if m in ("dmsquash-live", "livenet", "overlayfs"))},
+            "initramfs_tools": self.initramfs_tools,
+            "secure_boot_loader": self.signed_loader,
+            "selinux_policy": self.selinux_policy,
+            "bootc": self.bootc,
+            "size_bytes": self.size_bytes,
+            "layout": layout,
+            "bootable": not needs,
+            "missing": [{"what": n, "package": PACKAGES[n].get(self.family)} for n in needs],
+            "verdict": self.verdict(layout),
+        }
 
 
 @dataclass(frozen=True)
 class RootfsInfo:
+    """What the assemble stage needs from a rootfs directory that can boot."""
+
     root: Path
     os_release: dict[str, str]
-    kernel: Kernel
+    kernel_version: str
+    kernel_image: Path  # the real file
     dracut_modules: frozenset[str]
+    dracut_version: str | None
 
     @property
     def pretty_name(self) -> str:
@@ -61,68 +168,88 @@ def parse_os_release(text: str) -> dict[str, str]:
     return values
 
 
-def read_os_release(root: Path) -> dict[str, str]:
-    # /etc/os-release is usually a symlink to ../usr/lib/os-release; read the target inside the rootfs.
-    for candidate in ("etc/os-release", "usr/lib/os-release"):
-        path = root / candidate
-        if path.is_file() and not path.is_symlink():
-            return parse_os_release(path.read_text(errors="replace"))
-    return {}
-
-
-def family(os_release: dict[str, str]) -> str:
-    """The distribution family we know package names for, from ID then ID_LIKE."""
-    ids = [os_release.get("ID", ""), *os_release.get("ID_LIKE", "").split()]
-    return next((i for i in ids if i in KERNEL_PACKAGES), "debian" if not any(ids) else ids[0])
-
-
-def package_hint(packages: dict[str, str], os_release: dict[str, str]) -> str:
-    fam = family(os_release)
-    if fam in packages:
-        return f"add `{packages[fam]}` to the image (e.g. in its Containerfile)"
-    return "add " + ", ".join(f"{v} ({k})" for k, v in packages.items()) + " to the image"
-
-
-def find_kernels(root: Path) -> list[Kernel]:
-    """Kernels that have both an image and a modules directory, newest first."""
+def find_kernels(tree: Tree) -> list[Kernel]:
+    """Kernel images (Fedora: in the modules directory, Debian: /boot/vmlinuz-VERSION), newest first."""
     kernels: dict[str, Kernel] = {}
-    for modules in (root / "usr/lib/modules", root / "lib/modules"):  # the same directory on merged-/usr systems
-        if not modules.is_dir():
-            continue
-        for moddir in modules.iterdir():
-            images = (moddir / "vmlinuz", root / "boot" / f"vmlinuz-{moddir.name}")  # Fedora, Debian
-            image = next((i for i in images if i.is_file()), None)
-            if image is not None and moddir.name not in kernels:
-                kernels[moddir.name] = Kernel(moddir.name, image)
+    for version in tree.listdir("usr/lib/modules"):
+        moddir = f"usr/lib/modules/{version}"
+        image = next((i for i in (f"{moddir}/vmlinuz", f"boot/vmlinuz-{version}") if tree.is_file(i)), None)
+        if image is not None:
+            modules = tree.is_file(f"{moddir}/modules.dep") or tree.is_dir(f"{moddir}/kernel")
+            kernels[version] = Kernel(version, tree.resolve(image) or image, modules)
+    for name in tree.listdir("boot"):
+        version = name.removeprefix("vmlinuz-")
+        if name.startswith("vmlinuz-") and version not in kernels and tree.is_file(f"boot/{name}"):
+            kernels[version] = Kernel(version, f"boot/{name}", False)
     return sorted(kernels.values(), key=lambda k: version_key(k.version), reverse=True)
 
 
-def find_dracut_modules(root: Path) -> frozenset[str]:
-    """Installed dracut module names ('90dmsquash-live' -> 'dmsquash-live'); empty when dracut is missing."""
-    if not any((root / d / "dracut").exists() for d in ("usr/bin", "usr/sbin", "bin", "sbin")):
-        return frozenset()
-    modules_dir = root / "usr/lib/dracut/modules.d"
-    if not modules_dir.is_dir():
-        return frozenset()
-    return frozenset(re.sub(r"^\d+", "", entry.name) for entry in modules_dir.iterdir())
+def find_init(tree: Tree) -> str:
+    if tree.is_file("usr/lib/systemd/systemd"):
+        return "systemd"
+    if tree.is_file("sbin/openrc-init") or tree.is_file("sbin/openrc"):
+        return "openrc"
+    return "sysvinit" if tree.is_file("sbin/init") else "none"
+
+
+def find_dracut(tree: Tree) -> tuple[str | None, frozenset[str]]:
+    """dracut's version ('unknown' when it does not say) and module names ('90dmsquash-live' -> 'dmsquash-live')."""
+    if not any(tree.is_file(f"{d}/dracut") for d in ("usr/bin", "usr/sbin", "bin", "sbin")):
+        return None, frozenset()
+    version = "unknown"
+    for line in (tree.read_text("usr/lib/dracut/dracut-version.sh") or "").splitlines():
+        if line.startswith("DRACUT_VERSION="):
+            version = line.partition("=")[2].strip("\"'")
+    modules = frozenset(re.sub(r"^\d+", "", name) for name in tree.listdir("usr/lib/dracut/modules.d"))
+    return version, modules
+
+
+def find_architecture(tree: Tree) -> str | None:
+    """From the ELF header of the init or the shell."""
+    for binary in ("usr/lib/systemd/systemd", "sbin/init", "bin/sh", "usr/bin/sh"):
+        header = tree.read(binary)
+        if header and header[:4] == b"\x7fELF" and len(header) >= 20:
+            machine = int.from_bytes(header[18:20], "little" if header[5] == 1 else "big")
+            return ELF_MACHINES.get(machine, f"ELF machine {machine:#x}")
+    return None
+
+
+def find_selinux_policy(tree: Tree) -> str | None:
+    match = SELINUX_TYPE.search(tree.read_text("etc/selinux/config") or "")
+    if match and tree.is_dir(f"etc/selinux/{match.group(1)}/policy"):
+        return match.group(1)
+    return None
+
+
+def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str | None = None) -> Report:
+    """Everything `c2boot inspect` reports about a tree; `labels` and `architecture` come from the image's
+    metadata when there is an image."""
+    dracut_version, dracut_modules = find_dracut(tree)
+    signed = next((s.vendor for s in SIGNED_LOADERS if tree.is_file(s.shim) and tree.is_file(s.grub)), None)
+    return Report(
+        os_release=parse_os_release(tree.read_text("etc/os-release") or tree.read_text("usr/lib/os-release") or ""),
+        architecture=find_architecture(tree) or architecture,
+        kernels=find_kernels(tree),
+        init=find_init(tree),
+        dracut_version=dracut_version,
+        dracut_modules=dracut_modules,
+        initramfs_tools=tree.is_file("usr/sbin/mkinitramfs") or tree.is_file("sbin/mkinitramfs"),
+        signed_loader=signed,
+        selinux_policy=find_selinux_policy(tree),
+        size_bytes=tree.size_bytes(),
+        labels=dict(labels or {}),
+    )
 
 
 def inspect(root: Path, live: bool = True) -> RootfsInfo:
-    """Read what booting needs from the rootfs (a live boot: also dmsquash-live); fail with the package to add
-    when something is missing."""
+    """What the assemble stage needs from the rootfs directory `root`; fails with the packages to add when the
+    image cannot boot (a live boot also needs dmsquash-live)."""
     if not root.is_dir():
         raise C2BootError(f"rootfs {root} is not a directory")
-    os_release = read_os_release(root)
-    kernels = find_kernels(root)
-    name = os_release.get("PRETTY_NAME", "the image")
-    if not kernels:
-        raise C2BootError(f"{name} has no kernel (no vmlinuz beside /usr/lib/modules/*): "
-                          + package_hint(KERNEL_PACKAGES, os_release))
-    dracut_modules = find_dracut_modules(root)
-    if not dracut_modules:
-        raise C2BootError(f"{name} has no dracut, which builds the initrd: "
-                          + package_hint(DRACUT_PACKAGES, os_release))
-    if live and "dmsquash-live" not in dracut_modules:
-        raise C2BootError(f"{name} has dracut but not its dmsquash-live module, which boots the root image: "
-                          + package_hint(DRACUT_PACKAGES, os_release))
-    return RootfsInfo(root, os_release, kernels[0], dracut_modules)
+    tree = Tree.from_directory(root)
+    report = examine(tree)
+    report.check("live" if live else "installed")
+    kernel = report.kernel
+    assert kernel is not None
+    return RootfsInfo(root, report.os_release, kernel.version, tree.real_path(kernel.image), report.dracut_modules,
+                      report.dracut_version)

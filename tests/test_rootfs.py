@@ -6,17 +6,27 @@ import pytest
 
 from container2boot.errors import C2BootError
 from container2boot.rootfs import find_kernels, inspect, parse_os_release, version_key
+from container2boot.tree import Tree
+
+ELF_X86_64 = b"\x7fELF\x02\x01\x01" + bytes(11) + b"\x3e\x00" + bytes(44)
 
 
 def make_rootfs(root: Path, *, os_id: str = "debian", kernels: tuple[str, ...] = ("6.12.1-amd64",),
-                fedora_layout: bool = False, dracut: bool = True, live: bool = True) -> Path:
+                fedora_layout: bool = False, dracut: bool = True, live: bool = True, init: bool = True) -> Path:
+    """A small merged-/usr rootfs with the parts inspection looks for (the init is an x86-64 ELF header)."""
     (root / "usr/lib").mkdir(parents=True)
     (root / "usr/lib/os-release").write_text(f'ID={os_id}\nVERSION_ID="13"\nPRETTY_NAME="Test {os_id}"\n')
+    (root / "etc").mkdir()
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (root / "lib").symlink_to("usr/lib")
     (root / "boot").mkdir()
     for version in kernels:
         moddir = root / "usr/lib/modules" / version
-        moddir.mkdir(parents=True)
+        (moddir / "kernel").mkdir(parents=True)
         (moddir / "vmlinuz" if fedora_layout else root / "boot" / f"vmlinuz-{version}").write_bytes(b"kernel")
+    if init:
+        (root / "usr/lib/systemd").mkdir()
+        (root / "usr/lib/systemd/systemd").write_bytes(ELF_X86_64)
     if dracut:
         (root / "usr/bin").mkdir(parents=True)
         (root / "usr/bin/dracut").write_text("#!/bin/sh\n")
@@ -37,19 +47,19 @@ def test_version_order_is_numeric_not_lexical() -> None:
 def test_newest_kernel_is_chosen(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path, kernels=("6.9.12-amd64", "6.12.1-amd64", "6.10.3-amd64"))
     info = inspect(root)
-    assert info.kernel.version == "6.12.1-amd64"
-    assert info.kernel.image == root / "boot/vmlinuz-6.12.1-amd64"
+    assert info.kernel_version == "6.12.1-amd64"
+    assert info.kernel_image == root / "boot/vmlinuz-6.12.1-amd64"
 
 
 def test_fedora_layout_kernel_in_modules_dir(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path, os_id="fedora", kernels=("6.11.4-301.fc41.x86_64",), fedora_layout=True)
-    assert find_kernels(root)[0].image.name == "vmlinuz"
+    assert find_kernels(Tree.from_directory(root))[0].image == "usr/lib/modules/6.11.4-301.fc41.x86_64/vmlinuz"
 
 
 def test_modules_without_kernel_image_are_ignored(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path, kernels=("6.1.0",))
     (root / "usr/lib/modules/7.0.0").mkdir()
-    assert [k.version for k in find_kernels(root)] == ["6.1.0"]
+    assert [k.version for k in find_kernels(Tree.from_directory(root))] == ["6.1.0"]
 
 
 @pytest.mark.parametrize(("os_id", "package"), [("debian", "linux-image-amd64"), ("fedora", "kernel"),
