@@ -62,6 +62,8 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
             with timer.stage("unpack", f"Unpacking {rootfs}"):
                 root = unpack_rootfs_tar(rootfs, scratch / "rootfs")
         installed = config.layout == "installed"
+        if installed:
+            rootpartition.check_copyable(root, scratch)
         with timer.stage("inspect", f"Inspecting {rootfs}"):
             info = inspect(root, live=not installed)
             root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None

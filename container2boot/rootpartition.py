@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from container2boot.disk import MiB
+from container2boot.errors import C2BootError
 from container2boot.templates import render_to
 
 FSCK_PASS = {"ext4": 1, "xfs": 0, "btrfs": 0}  # xfs and btrfs check themselves at mount
@@ -24,6 +25,7 @@ FIXED_ROOM = {"ext4": 128 * MiB, "xfs": 128 * MiB, "btrfs": 640 * MiB}
 FSTAB = "etc/fstab"
 GROW_RULE = "etc/repart.d/50-container2boot-root.conf"
 REPART_DIRS = ("etc/repart.d", "usr/lib/repart.d", "usr/local/lib/repart.d")
+REPART_IGNORED = ("/tmp", "/var/tmp")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,17 @@ def fstab_lines_without_root(fstab: str) -> list[str]:
             continue
         kept.append(line)
     return kept
+
+
+def check_copyable(*paths: Path) -> None:
+    """systemd-repart silently skips files under the host's /tmp and /var/tmp (its copy denylist): refuse such
+    sources before any slow step instead of writing a root partition without them."""
+    for path in paths:
+        resolved = path.resolve()
+        if any(resolved == Path(t) or Path(t) in resolved.parents for t in REPART_IGNORED):
+            raise C2BootError(f"{path} is under {' or '.join(REPART_IGNORED)}, which systemd-repart does not copy "
+                              "from: put the rootfs and --output elsewhere for --layout installed (or use `c2boot "
+                              "build`, which runs this stage in the rootbuilder container)")
 
 
 def prepare(root: Path, fstype: str, scratch: Path) -> RootPartition:

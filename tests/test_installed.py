@@ -10,8 +10,17 @@ from container2boot.config import Config, parse_size
 from container2boot.disk import MiB, check_disk_size, disk_size_needed, render_definitions
 from container2boot.errors import C2BootError
 from container2boot.initrd import dracut_command
+from container2boot.pipeline import assemble
 from container2boot.rootfs import inspect
-from container2boot.rootpartition import FSTAB, GROW_RULE, content_bytes, fstab_lines_without_root, prepare, root_size
+from container2boot.rootpartition import (
+    FSTAB,
+    GROW_RULE,
+    check_copyable,
+    content_bytes,
+    fstab_lines_without_root,
+    prepare,
+    root_size,
+)
 from container2boot.templates import render
 from tests.conftest import c2boot
 from tests.test_rootfs import make_rootfs
@@ -140,6 +149,15 @@ def test_cli_refuses_installed_mbr_at_once(tmp_path: Path) -> None:
     assert result.stderr.strip() == "c2boot: error: --layout installed makes GPT disks only: drop --table mbr " \
         "(--bios works with GPT)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_host_assemble_refuses_sources_repart_would_skip(tmp_path: Path) -> None:
+    """Outside the rootbuilder, a rootfs or output under /tmp would lose files silently: a clear error instead."""
+    root = make_rootfs(tmp_path / "root")  # pytest's tmp_path is under /tmp
+    with pytest.raises(C2BootError, match=r"is under /tmp or /var/tmp, which systemd-repart does not copy from"):
+        assemble(root, Config(layout="installed", output=tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+    check_copyable(Path("/work"), Path("/home/someone/out"))
 
 
 def test_fstab_template_without_image_entries() -> None:
