@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from container2boot.errors import C2BootError
-from container2boot.run import MIN_VERSIONS, PACKAGES, parse_version, version_line
+from container2boot.run import PACKAGES, check_version
 
 GiB = 1024**3
 SPACE_WARN = 10 * GiB  # a build needs about 1 GiB of images and outputs; a few builds and their caches more
@@ -49,13 +49,9 @@ def ok(name: str, detail: str) -> Check:
 
 def podman_version() -> Check:
     try:
-        found = parse_version(version_line("podman"))
+        found = check_version("podman")
     except C2BootError as e:
-        return Check("FAIL", "podman", f"{e}")
-    needed = MIN_VERSIONS["podman"]
-    if found < needed:
-        return Check("FAIL", "podman", f"{'.'.join(map(str, found))} is too old: install podman "
-                     f"{'.'.join(map(str, needed))} or newer")
+        return Check("FAIL", "podman", str(e))
     return ok("podman", ".".join(map(str, found)))
 
 

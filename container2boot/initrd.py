@@ -41,15 +41,10 @@ def dracut_command(info: RootfsInfo, root_fstype: str | None = None) -> list[str
     """dracut's command line: the live initrd, or with `root_fstype` the installed one, which mounts that root."""
     if root_fstype is None:
         modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
-        drivers = f"{DISK_DRIVERS} {LIVE_DRIVERS}"
+        layout = ["--add", " ".join(modules), "--add-drivers", f"{DISK_DRIVERS} {LIVE_DRIVERS}"]
     else:  # the kernel driver is enough for a one-device root (dracut's btrfs module needs btrfs-progs)
-        modules = []
-        drivers = f"{DISK_DRIVERS} {root_fstype}"
-    add = ["--add", " ".join(modules)] if modules else []
-    return [
-        "dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline",
-        "--kver", info.kernel_version, *add, "--add-drivers", drivers,
-    ]
+        layout = ["--add-drivers", f"{DISK_DRIVERS} {root_fstype}"]
+    return ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--kver", info.kernel_version, *layout]
 
 
 def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str | None = None) -> None:

@@ -293,10 +293,7 @@ class Session:
         try:
             tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export()), 1024 * 1024))
         finally:
-            try:
-                container.remove(force=True)
-            except (APIError, PodmanError) as e:
-                logger.warning("could not remove container %s: %s", container.id[:12], e)
+            remove_container(container)
         return examine(tree, labels=image.attrs.get("Labels") or {},
                        architecture=image.attrs.get("Architecture"))
 
@@ -327,10 +324,16 @@ class Session:
                 detail = last_line.removeprefix("c2boot: error: ")
                 raise C2BootError(detail or f"the assemble container exited with status {code}")
         finally:
-            try:
-                container.remove(force=True)
-            except (APIError, PodmanError) as e:
-                logger.warning("could not remove container %s: %s", container.id[:12], e)
+            remove_container(container)
+
+
+def remove_container(container: Any) -> None:
+    """Remove a container we created, also after a failure; a failure to remove is worth a warning, not an error
+    that would hide the first one."""
+    try:
+        container.remove(force=True)
+    except (APIError, PodmanError) as e:
+        logger.warning("could not remove container %s: %s", container.id[:12], e)
 
 
 class ChunkReader(io.RawIOBase):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from container2boot.qemu import boot_until
+
 C2BOOT = [sys.executable, "-m", "container2boot"]
 EXAMPLE_IMAGE = "localhost/container2boot/machine:latest"
 # The example machine's own announcement (c2boot-ready.service) and the login prompt, both from the booted system.
@@ -23,6 +25,15 @@ def c2boot(*args: str | Path, check: bool = True, cwd: Path | None = None,
     if check and result.returncode != 0:
         raise AssertionError(f"c2boot {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def boot_evidence(disk: Path, pattern: str, firmware: str = "uefi", snapshot: bool = True) -> str:
+    """Boot `disk` in QEMU and return its serial console; fails unless the booted system printed `pattern`
+    (a regex) within 300 s. With `snapshot` False the guest's writes reach `disk`."""
+    result = boot_until(disk, pattern, firmware=firmware, timeout=300, snapshot=snapshot)
+    assert result.matched, f"no evidence ({pattern}) under {firmware} after {result.seconds:.0f}s:\n" \
+        f"{result.console[-3000:]}"
+    return result.console
 
 
 def require_host_tools(*tools: str) -> None:

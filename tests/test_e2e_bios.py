@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.disk import read_table
-from container2boot.qemu import boot_until
-from tests.conftest import EXAMPLE_IMAGE, READY, c2boot
+from tests.conftest import EXAMPLE_IMAGE, READY, boot_evidence, c2boot
 
 pytestmark = pytest.mark.slow
 BOOTED = READY + r"[\s\S]*c2boot-demo login:"
@@ -30,13 +29,6 @@ def mbr_build(example_build: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def boot(disk: Path, firmware: str) -> str:
-    result = boot_until(disk, BOOTED, firmware=firmware, timeout=300)
-    assert result.matched, f"no multi-user/login evidence under {firmware} after {result.seconds:.0f}s:\n" \
-        f"{result.console[-3000:]}"
-    return result.console
-
-
 def test_hybrid_disk_layout_and_manifest(hybrid_build: Path) -> None:
     table = read_table(hybrid_build / "disk.img")
     assert table.label == "gpt"
@@ -50,12 +42,12 @@ def test_hybrid_disk_layout_and_manifest(hybrid_build: Path) -> None:
 
 
 def test_hybrid_disk_boots_under_seabios(hybrid_build: Path) -> None:
-    console = boot(hybrid_build / "disk.img", "bios")
+    console = boot_evidence(hybrid_build / "disk.img", BOOTED, "bios")
     assert SYSLINUX_BANNER in console
 
 
 def test_hybrid_disk_boots_under_ovmf(hybrid_build: Path) -> None:
-    console = boot(hybrid_build / "disk.img", "uefi")
+    console = boot_evidence(hybrid_build / "disk.img", BOOTED, "uefi")
     assert SYSLINUX_BANNER not in console
 
 
@@ -69,11 +61,11 @@ def test_mbr_disk_layout_and_manifest(mbr_build: Path) -> None:
 
 
 def test_mbr_disk_boots_under_seabios(mbr_build: Path) -> None:
-    console = boot(mbr_build / "disk.img", "bios")
+    console = boot_evidence(mbr_build / "disk.img", BOOTED, "bios")
     assert SYSLINUX_BANNER in console
 
 
 def test_mbr_disk_boots_under_ovmf(mbr_build: Path) -> None:
     """Measured: OVMF boots EFI/BOOT/BOOTX64.EFI from an MBR partition of type EF, so the MBR disk keeps UEFI."""
-    console = boot(mbr_build / "disk.img", "uefi")
+    console = boot_evidence(mbr_build / "disk.img", BOOTED, "uefi")
     assert SYSLINUX_BANNER not in console

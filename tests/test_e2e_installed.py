@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.disk import MiB, read_table
-from container2boot.qemu import boot_until
-from tests.conftest import EXAMPLE_IMAGE, c2boot
+from tests.conftest import EXAMPLE_IMAGE, boot_evidence, c2boot
 
 pytestmark = pytest.mark.slow
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # the discoverable x86-64 root partition type
@@ -30,9 +29,8 @@ def installed_build(example_build: Path, tmp_path_factory: pytest.TempPathFactor
 
 def boot_writable(disk: Path, firmware: str) -> tuple[str, str, int, int]:
     """Boot `disk` letting the guest write to it; returns (fstype, mode, size MiB, boot count) as it reported."""
-    result = boot_until(disk, READY.pattern + r"[\s\S]*login:", firmware=firmware, timeout=300, snapshot=False)
-    assert result.matched, f"no evidence under {firmware} after {result.seconds:.0f}s:\n{result.console[-3000:]}"
-    match = READY.search(result.console)
+    console = boot_evidence(disk, READY.pattern + r"[\s\S]*login:", firmware, snapshot=False)
+    match = READY.search(console)
     assert match is not None
     return match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
 
