@@ -1,9 +1,11 @@
 """The `c2boot` command: a thin layer that turns options (generated from config.SETTINGS) into a Config and
 hands it to the pipeline. Errors become one line on stderr and a non-zero exit."""
 
+import dataclasses
 import inspect
 import json
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -110,11 +112,16 @@ def build(config: Config) -> None:
     c2boot build --diskimage                                # the bundled example machine
     c2boot build -f Containerfile --secret id=chpass,src=./creds --diskimage
     c2boot build --image localhost/my/machine:latest --diskimage
+    c2boot build --format qcow2 --format vmdk --compress zst --test   # VM formats, boot-tested
     """
     from container2boot.pipeline import build as run_build
 
     result = run_build(config)
     _report(result.output, result.disk is not None)
+    if result.boot_test is not None:
+        print(result.boot_test.summary())
+        if not result.boot_test.ok:
+            raise typer.Exit(EXIT_ERROR)
 
 
 @app.command()
@@ -164,6 +171,134 @@ def inspect_command(
         raise typer.Exit(EXIT_ERROR)
 
 
+TARGET_HELP = "The output directory of `c2boot build`, or one of its disk images (disk.img, disk.qcow2, ...)."
+
+
+@app.command("run")
+@with_settings("run")
+def run_command(
+    target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
+    *,
+    config: Config,
+) -> None:
+    """Boot a build in QEMU with its serial console in this terminal (Ctrl-A X quits). The image is never
+    written: the guest's changes go to a temporary overlay.
+
+    \b
+    c2boot run out
+    c2boot run out --firmware bios --memory 4G --cpus 4 --ssh-port 2222
+    c2boot run out --direct --append systemd.unit=rescue.target
+    c2boot run out --netboot                     # a build with --netboot, root over HTTP
+    """
+    from container2boot import qemu, vm
+
+    with vm.machine(target, config) as (machine, boot, built):
+        qemu.accelerator()  # says so when it falls back to software emulation
+        logger.info("==> Booting %s (%s, %s firmware, %d MiB, %d CPUs); Ctrl-A X quits QEMU",
+                    built.what(boot), boot, config.firmware, config.memory_mib, config.cpus)
+        if config.ssh_port:
+            logger.info("    ssh -p %d USER@127.0.0.1 reaches the guest's ssh server", config.ssh_port)
+        code = qemu.run_interactive(dataclasses.replace(machine, reboot=True))
+    if code != 0:
+        raise C2BootError(f"QEMU exited with status {code}")
+
+
+@app.command("test")
+@with_settings("test")
+def test_command(
+    target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
+    json_output: bool = typer.Option(False, "--json", help="Print the report as JSON.", metavar=""),
+    *,
+    config: Config,
+) -> None:
+    """Boot a build headless and let the booted system say whether it came up: default target reached, failed
+    units, time spent in firmware, kernel, initrd and userspace. Exit 0 only when it came up. Works for any image
+    with systemd 256 or newer; the image is not changed.
+
+    \b
+    c2boot test out
+    c2boot test out/disk.qcow2 --firmware secure-boot --json --timeout 600
+    """
+    from container2boot import bootcheck
+
+    report = bootcheck.test(target, config)
+    print(json.dumps(report.as_json(), indent=2) if json_output else report.summary())
+    if not report.ok:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@app.command()
+@with_settings("serve")
+def serve(
+    target: Path = typer.Argument(..., help="The output directory of a `c2boot build --netboot`.",
+                                  show_default=False, metavar="OUT"),
+    *,
+    config: Config,
+) -> None:
+    """Serve a --netboot build's root image (and kernel and initrd) over HTTP until Ctrl-C, and print the kernel
+    arguments and a QEMU command that boot from it.
+
+    \b
+    c2boot serve out                        # for virtual machines on this host
+    c2boot serve out --address 0.0.0.0 --port 8080   # for machines on the local network (PXE/iPXE)
+    """
+    from container2boot import netboot, vm
+
+    built = vm.locate(target)
+    directory = netboot.boot_files(built.out, built.manifest)
+    cmdline = str(built.manifest.get("kernel", {}).get("cmdline", ""))
+    with netboot.serving(directory, config.address, config.port) as server:
+        port = server.server_port
+        host = netboot.lan_address() if config.address == "0.0.0.0" else config.address
+        qemu_url = f"http://10.0.2.2:{port}"
+        print(f"Serving {directory} on http://{config.address}:{port}/ (Ctrl-C stops)\n")
+        if config.address not in ("127.0.0.1", "localhost"):
+            print("Kernel arguments for a machine on the network:\n"
+                  f"  {netboot.netboot_cmdline(cmdline, f'http://{host}:{port}/squashfs.img')}\n\n"
+                  "iPXE script:\n"
+                  f"  #!ipxe\n  kernel http://{host}:{port}/vmlinuz "
+                  f"{netboot.netboot_cmdline(cmdline, f'http://{host}:{port}/squashfs.img')}\n"
+                  f"  initrd http://{host}:{port}/initrd.img\n  boot\n")
+        print("Kernel arguments for a QEMU guest on this host (user network):\n"
+              f"  {netboot.netboot_cmdline(cmdline, f'{qemu_url}/squashfs.img')}\n\n"
+              "QEMU command:\n"
+              f"  qemu-system-x86_64 -machine q35 -m 2048 -nographic -nic user,model=virtio-net-pci "
+              f"-kernel {directory / 'vmlinuz'} -initrd {directory / 'initrd.img'} "
+              f"-append '{netboot.netboot_cmdline(cmdline, f'{qemu_url}/squashfs.img')}'\n", flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            logger.info("c2boot: stopped serving")
+
+
+esp_app = typer.Typer(help="Put the ESP tree on a USB stick for bare metal.", no_args_is_help=True)
+app.add_typer(esp_app, name="esp")
+
+
+@esp_app.command("sync")
+@with_settings("sync")
+def esp_sync(
+    target_out: Path = typer.Argument(..., help="The output directory of `c2boot build` (its esp/ is copied).",
+                                      show_default=False, metavar="OUT"),
+    destination: Path = typer.Argument(..., help="The USB stick's mounted FAT partition (e.g. /media/$USER/C2BOOT), "
+                                       "or an unmounted FAT image file or partition device you can write.",
+                                       show_default=False, metavar="TARGET"),
+    *,
+    config: Config,
+) -> None:
+    """Copy the ESP tree onto a FAT filesystem like rsync: new and changed files only, with progress. Refuses
+    anything but FAT, and this host's own ESP; warns when the filesystem is not labelled C2BOOT.
+
+    \b
+    c2boot esp sync out /media/$USER/C2BOOT --dry-run
+    c2boot esp sync out /media/$USER/C2BOOT --delete
+    c2boot esp sync out stick.img                 # a FAT image file, written with mtools
+    """
+    from container2boot.espsync import sync
+
+    sync(target_out, destination, dry_run=config.dry_run, delete=config.delete)
+
+
 def format_report(report: Report, layout: str) -> str:
     """The human-readable `c2boot inspect` report."""
     data = report.as_json(layout)
@@ -178,6 +313,8 @@ def format_report(report: Report, layout: str) -> str:
          if dracut["version"] else "no" + (" (initramfs-tools instead)" if report.initramfs_tools else "")),
         ("secure boot", f"signed shim and GRUB ({report.signed_loader})" if report.signed_loader
          else "no signed shim/GRUB: boots with Secure Boot off"),
+        ("netboot", "yes (dracut livenet and network modules, curl)" if report.netboot_ready
+         else f"no: for --netboot {report.packages(['livenet'])}"),
         ("selinux", f"{report.selinux_policy} policy" if report.selinux_policy else "no policy"),
         ("bootc", "yes (containers.bootc label)" if report.bootc else "no"),
     ]

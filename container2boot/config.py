@@ -18,11 +18,14 @@ COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
 PARTITION_TABLES = ("gpt", "mbr")
 LAYOUTS = ("live", "installed")
 ROOTFS_TYPES = ("ext4", "xfs", "btrfs")
+DISK_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vhd")
+DISK_COMPRESSIONS = ("zst", "xz")
+FIRMWARES = ("uefi", "bios", "secure-boot")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
-Command = Literal["build", "assemble", "inspect"]
+Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,10 @@ class Setting:
 
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
-ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
+ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync"})
+MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
+BOOTING: frozenset[Command] = frozenset({"build", "run", "test"})  # build boots with --test
+VM: frozenset[Command] = frozenset({"run", "test"})
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("output", Path, Path("out"), "Directory to write esp/, disk.img and manifest.json into.",
@@ -62,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
             choices=PARTITION_TABLES, panel="Boot"),
     Setting("layout", str, "live", "live: the root is a read-only squashfs with a tmpfs overlay, changes are lost at "
             "reboot. installed: disk.img gets a writable root partition holding the image's filesystem, like a "
-            "normal installation (implies --diskimage).", ("--layout",), ALL, choices=LAYOUTS, panel="Boot"),
+            "normal installation (implies --diskimage).", ("--layout",), MAKING, choices=LAYOUTS, panel="Boot"),
     Setting("size", str, None, "Size of disk.img for --layout installed, e.g. 4G or 1500M; the root partition "
             "fills it (default: the content plus room).", ("--size",), BOTH, metavar="SIZE", panel="Boot"),
     Setting("rootfs_type", str, "ext4", "Filesystem of the root partition for --layout installed.",
@@ -73,6 +79,44 @@ SETTINGS: tuple[Setting, ...] = (
             ("--compression",), BOTH, choices=COMPRESSIONS, panel="Boot"),
     Setting("cmdline", str, "", "Extra kernel arguments, appended to the defaults (live root, serial console).",
             ("--cmdline",), BOTH, metavar="ARGS", panel="Boot"),
+    Setting("netboot", bool, False, "Let the machine also boot over the network: dracut's livenet module fetches "
+            "squashfs.img over HTTP (serve it with `c2boot serve`). The image needs dracut-network and curl.",
+            ("--netboot",), BOTH, panel="Boot"),
+    Setting("formats", str, (), "Also convert disk.img to this format with qemu-img (raw, qcow2, vmdk, vdi, vhdx, "
+            "vhd: a fixed VHD as Azure wants it); implies --diskimage. Repeatable.", ("--format",), BOTH,
+            repeatable=True, metavar="|".join(DISK_FORMATS)),
+    Setting("compress", str, None, "Also write a compressed copy (.zst or .xz) of each disk image, for download; "
+            "the uncompressed ones stay for `c2boot run`.", ("--compress",), BOTH, choices=DISK_COMPRESSIONS),
+    Setting("test", bool, False, "After building, boot disk.img headless and check that the system comes up, as "
+            "`c2boot test` does (implies --diskimage; exit 1 if it does not).", ("--test",), BUILD,
+            panel="Virtual machine"),
+    Setting("firmware", str, "uefi", "Firmware of the virtual machine: uefi (OVMF), secure-boot (OVMF with Secure "
+            "Boot on and Microsoft's keys enrolled), bios (SeaBIOS; the disk needs --bios).", ("--firmware",),
+            BOOTING, choices=FIRMWARES, panel="Virtual machine"),
+    Setting("memory", str, "2G", "Memory of the virtual machine.", ("--memory",), BOOTING, metavar="SIZE",
+            panel="Virtual machine"),
+    Setting("cpus", int, 2, "Virtual CPUs of the virtual machine.", ("--cpus",), BOOTING, metavar="N",
+            panel="Virtual machine"),
+    Setting("timeout", int, 300, "Seconds to wait for the system to come up before the test fails.",
+            ("--timeout",), frozenset({"build", "test"}), metavar="SECONDS", panel="Virtual machine"),
+    Setting("ssh_port", int, None, "Forward this host port (on 127.0.0.1) to the guest's ssh port 22.",
+            ("--ssh-port",), frozenset({"run"}), metavar="PORT", panel="Virtual machine"),
+    Setting("direct", bool, False, "Boot the kernel and initrd from esp/ directly (QEMU -kernel/-initrd/-append, "
+            "no boot loader); the disk stays attached for the root.", ("--direct",), VM, panel="Virtual machine"),
+    Setting("boot_from_network", bool, False, "Boot over QEMU's user network: serve squashfs.img over HTTP on "
+            "127.0.0.1 and start the kernel with root=live:http://... (the build needs --netboot).",
+            ("--netboot",), VM, panel="Virtual machine"),
+    Setting("append", str, "", "Extra kernel arguments for --direct and --netboot boots (e.g. "
+            "systemd.unit=rescue.target).", ("--append",), VM, metavar="ARGS", panel="Virtual machine"),
+    Setting("port", int, 8080, "TCP port to serve on (0: any free port).", ("--port",), frozenset({"serve"}),
+            metavar="PORT"),
+    Setting("address", str, "127.0.0.1", "Address to serve on: 127.0.0.1 reaches virtual machines on this host "
+            "(QEMU's user network); 0.0.0.0 serves the local network too.", ("--address",), frozenset({"serve"}),
+            metavar="ADDRESS"),
+    Setting("dry_run", bool, False, "Show what would be copied or deleted, and change nothing.", ("--dry-run",),
+            frozenset({"sync"})),
+    Setting("delete", bool, False, "Also delete files the ESP tree does not have, in the directories it writes "
+            "(EFI/BOOT, container2boot, ...); other files on the stick stay.", ("--delete",), frozenset({"sync"})),
     Setting("image", str, None, "Use this existing image instead of building one (e.g. localhost/my/machine:latest).",
             ("--image",), BUILD, metavar="REF", panel="Machine image"),
     Setting("containerfile", Path, None, "Build the machine image from this Containerfile "
@@ -115,6 +159,22 @@ class Config:
     base_image: str = DEFAULT_BASE_IMAGE
     mirror: str = DEFAULT_MIRROR
     verbose: bool = False
+    netboot: bool = False
+    formats: tuple[str, ...] = ()
+    compress: str | None = None
+    test: bool = False
+    firmware: str = "uefi"
+    memory: str = "2G"
+    cpus: int = 2
+    timeout: int = 300
+    ssh_port: int | None = None
+    direct: bool = False
+    boot_from_network: bool = False
+    append: str = ""
+    port: int = 8080
+    address: str = "127.0.0.1"
+    dry_run: bool = False
+    delete: bool = False
     # Not user settings: where the machine image came from, recorded in the manifest by the assemble stage.
     source: Mapping[str, str] = field(default_factory=dict)
 
@@ -124,8 +184,18 @@ class Config:
                                      ("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type, ROOTFS_TYPES)):
             if value not in choices:
                 raise C2BootError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
+        if self.compress is not None and self.compress not in DISK_COMPRESSIONS:
+            raise C2BootError(f"unknown --compress {self.compress!r}: use one of {', '.join(DISK_COMPRESSIONS)}")
+        if self.firmware not in FIRMWARES:
+            raise C2BootError(f"unknown firmware {self.firmware!r}: use one of {', '.join(FIRMWARES)}")
+        if unknown := [f for f in self.formats if f not in DISK_FORMATS]:
+            raise C2BootError(f"unknown --format {unknown[0]!r}: use one of {', '.join(DISK_FORMATS)}")
+        if self.formats or self.compress or self.test:
+            object.__setattr__(self, "diskimage", True)  # they all need disk.img
         if self.layout == "installed":
             object.__setattr__(self, "diskimage", True)  # the root partition lives in disk.img
+            if self.netboot:
+                raise C2BootError("--netboot fetches the live layout's squashfs.img: drop it for --layout installed")
             if self.table == "mbr":
                 raise C2BootError("--layout installed makes GPT disks only: drop --table mbr (--bios works with GPT)")
             if self.compression != "zstd":
@@ -138,6 +208,19 @@ class Config:
             raise C2BootError("--table describes disk.img: add --diskimage")
         if self.table == "mbr" and not self.bios:
             raise C2BootError("--table mbr is for BIOS machines: add --bios (the MBR disk boots with UEFI too)")
+        if self.test and self.firmware == "bios" and not self.bios:
+            raise C2BootError("--firmware bios tests a BIOS boot: add --bios so that disk.img can boot that way")
+        if self.direct and self.boot_from_network:
+            raise C2BootError("--direct and --netboot are two ways to start the kernel: choose one")
+        if self.append and not (self.direct or self.boot_from_network):
+            raise C2BootError("--append changes the kernel arguments of --direct and --netboot boots: add one "
+                              "(a disk boots with the arguments in its boot loader's config)")
+        if self.cpus < 1 or self.timeout < 1:
+            raise C2BootError("--cpus and --timeout must be positive numbers")
+        for option, port, lowest in (("--ssh-port", self.ssh_port, 1), ("--port", self.port, 0)):
+            if port is not None and not lowest <= port < 65536:
+                raise C2BootError(f"{option} {port} is not a port number: use e.g. 2222 or 8080")
+        parse_size(self.memory, "--memory")
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
@@ -147,15 +230,19 @@ class Config:
     def size_bytes(self) -> int | None:
         return None if self.size is None else parse_size(self.size)
 
+    @property
+    def memory_mib(self) -> int:
+        return parse_size(self.memory, "--memory") // 1024**2
+
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--size") -> int:
     """'4G', '1500M', '4GiB', '512K' or plain bytes; units are powers of 1024, like systemd-repart's."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if match is None or float(match.group(1)) <= 0:
-        raise C2BootError(f"--size {text!r} is not a size: use e.g. 4G or 1500M")
+        raise C2BootError(f"{option} {text!r} is not a size: use e.g. 4G or 1500M")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
 
 

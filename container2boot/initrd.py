@@ -37,20 +37,24 @@ chmod 0644 "$dest"
 """
 
 
-def dracut_command(info: RootfsInfo, root_fstype: str | None = None) -> list[str]:
-    """dracut's command line: the live initrd, or with `root_fstype` the installed one, which mounts that root."""
+def dracut_command(info: RootfsInfo, root_fstype: str | None = None, netboot: bool = False) -> list[str]:
+    """dracut's command line: the live initrd (with `netboot`, also able to fetch the root image over HTTP), or
+    with `root_fstype` the installed one, which mounts that root."""
     if root_fstype is None:
-        modules = ["dmsquash-live"] + [m for m in ("overlayfs",) if m in info.dracut_modules]
+        wanted = ("overlayfs", "livenet", "network") if netboot else ("overlayfs",)
+        modules = ["dmsquash-live"] + [m for m in wanted if m in info.dracut_modules]
         layout = ["--add", " ".join(modules), "--add-drivers", f"{DISK_DRIVERS} {LIVE_DRIVERS}"]
     else:  # the kernel driver is enough for a one-device root (dracut's btrfs module needs btrfs-progs)
         layout = ["--add-drivers", f"{DISK_DRIVERS} {root_fstype}"]
     return ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--kver", info.kernel_version, *layout]
 
 
-def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str | None = None) -> None:
-    """Write the initrd for the image's newest kernel to `dest`: live, or for an installed `root_fstype` root."""
+def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str | None = None,
+                 netboot: bool = False) -> None:
+    """Write the initrd for the image's newest kernel to `dest`: live (`netboot`: also over HTTP), or for an
+    installed `root_fstype` root."""
     run([
         "unshare", "--user", "--map-root-user", "--mount", "--",
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", info.root.absolute(), scratch.absolute(), dest.absolute(),
-        *dracut_command(info, root_fstype),
+        *dracut_command(info, root_fstype, netboot),
     ], name="dracut (the image's, in a user namespace)")

@@ -11,7 +11,8 @@ from container2boot.rootfs import RootfsInfo
 from container2boot.run import tool_version_line
 
 MANIFEST_VERSION = 1
-ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "grub-mkimage", "mcopy", "syslinux")
+ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "grub-mkimage", "mcopy", "syslinux", "qemu-img")
+NOT_ARTIFACTS = ("manifest.json", "SHA256SUMS")  # SHA256SUMS is made from the artifacts; the manifest lists it
 
 
 def sha256(path: Path) -> str:
@@ -23,20 +24,22 @@ def sha256(path: Path) -> str:
 
 
 def artifacts(out: Path) -> list[dict[str, Any]]:
-    """Every file under `out` except the manifest itself, with size and sha256."""
-    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != "manifest.json")
+    """Every file under `out` except the manifest and SHA256SUMS, with size and sha256."""
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0] not in NOT_ARTIFACTS)
     return [{"path": str(p.relative_to(out)), "size": p.stat().st_size, "sha256": sha256(p)} for p in files]
 
 
 def build_manifest(
-    out: Path,
     *,
     info: RootfsInfo,
     source: dict[str, str],
     cmdline: str,
     boot: dict[str, Any],
+    disk_images: list[dict[str, str]],
+    files: list[dict[str, Any]],
     timings: dict[str, float],
 ) -> dict[str, Any]:
+    """`files` is the artifact list (see artifacts()); `disk_images` says which of them are disks, in which format."""
     tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
     tools["dracut (image)"] = info.dracut_version
     return {
@@ -48,7 +51,8 @@ def build_manifest(
         "kernel": {"version": info.kernel_version, "cmdline": cmdline},
         "boot": boot,
         "tools": tools,
-        "artifacts": artifacts(out),
+        "disk_images": disk_images,
+        "artifacts": files,
         "timings_seconds": timings,
     }
 

@@ -1,6 +1,7 @@
 """The pipeline: `assemble` turns a rootfs into the outputs; `build` makes the images with podman and runs
 `assemble` inside the rootbuilder container. Both return a BuildResult; failures raise C2BootError."""
 
+import dataclasses
 import shutil
 import tarfile
 import tempfile
@@ -8,14 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from container2boot import bios, rootpartition
+from container2boot import bios, bootcheck, formats, rootpartition
+from container2boot.bootcheck import BootReport
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
 from container2boot.disk import build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import build_initrd
 from container2boot.log import StageTimer, logger
-from container2boot.manifest import build_manifest, read_manifest, write_manifest
+from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, staged_output
 from container2boot.rootfs import Report, examine, inspect
 from container2boot.rootimage import build_root_image
@@ -32,7 +34,8 @@ class BuildResult:
     disk: Path | None
     manifest_path: Path
     manifest: dict[str, Any]
-    status: str = "ok"
+    status: str = "ok"  # or "boot test failed"
+    boot_test: BootReport | None = None  # with --test
 
 
 def _result(out: Path) -> BuildResult:
@@ -65,7 +68,7 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         if installed:
             rootpartition.check_copyable(root, scratch)
         with timer.stage("inspect", f"Inspecting {rootfs}"):
-            info = inspect(root, live=not installed)
+            info = inspect(root, live=not installed, netboot=config.netboot)
             root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
         logger.info("    %s, kernel %s", info.pretty_name, info.kernel_version)
         if root_partition is not None:
@@ -81,10 +84,10 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                      installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
         )
         shutil.copyfile(info.kernel_image, boot_dir / "vmlinuz")
-        with timer.stage("initrd", f"Building the {config.layout} initrd with the image's dracut "
-                         f"(kernel {info.kernel_version})"):
+        with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
+                         f"initrd with the image's dracut (kernel {info.kernel_version})"):
             build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
-                         root_partition.fstype if root_partition else None)
+                         root_partition.fstype if root_partition else None, config.netboot)
         if root_partition is None:
             with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
                 build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
@@ -100,12 +103,33 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                            size=config.size_bytes)
                 if config.bios:
                     bios.install_boot_code(staging / "disk.img")
-        manifest = build_manifest(staging, info=info, source=dict(config.source), cmdline=entry.cmdline,
+        disk_images = make_disk_formats(staging, config, timer) if config.diskimage else []
+        with timer.stage("checksums", "Writing SHA256SUMS and manifest.json"):
+            files = artifacts(staging)
+            checksums = formats.write_checksums(staging, files)
+            files.append({"path": checksums.name, "size": checksums.stat().st_size, "sha256": sha256(checksums)})
+        manifest = build_manifest(info=info, source=dict(config.source), cmdline=entry.cmdline,
                                   boot={"firmware": firmware, "bootloader": " + ".join(loaders),
                                         "partition_table": config.table if config.diskimage else None,
-                                        "layout": config.layout, "root": root_description(config, root_partition)},
-                                  timings=timer.seconds)
+                                        "layout": config.layout, "root": root_description(config, root_partition),
+                                        "netboot": config.netboot},
+                                  disk_images=disk_images, files=files, timings=timer.seconds)
         write_manifest(staging, manifest)
+
+
+def make_disk_formats(staging: Path, config: Config, timer: StageTimer) -> list[dict[str, str]]:
+    """disk.img in the other --format's and --compress'ed copies; for the manifest, which file is which."""
+    disks = [("raw", staging / "disk.img")]
+    if config.formats:
+        with timer.stage("formats", f"Converting disk.img to {', '.join(config.formats)} with qemu-img"):
+            disks = formats.convert(staging / "disk.img", config.formats)
+    images = [{"format": name, "path": path.name} for name, path in disks]
+    if config.compress:
+        with timer.stage("compress", f"Compressing {', '.join(p.name for _, p in disks)} ({config.compress})"):
+            copies = formats.compress([p for _, p in disks], config.compress)
+        images += [{"format": name, "compression": config.compress, "path": copy.name}
+                   for (name, _), copy in zip(disks, copies, strict=True)]
+    return images
 
 
 def root_description(config: Config, root_partition: rootpartition.RootPartition | None) -> str:
@@ -150,7 +174,7 @@ def build(config: Config) -> BuildResult:
         image = session.machine_image(config, timer)
         with timer.stage("check", f"Checking that {image.reference} can boot"):
             report = session.examine(image.image_id)
-        report.check(config.layout)  # before the slow steps: the rootbuilder, the initrd, the root image
+        report.check(config.layout, config.netboot)  # before the slow steps: rootbuilder, initrd, root image
         logger.info("    %s, kernel %s", report.name, report.kernel.version if report.kernel else "?")
         with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
             rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
@@ -159,4 +183,9 @@ def build(config: Config) -> BuildResult:
         manifest = read_manifest(staging)
         manifest["timings_seconds"] = {**timer.seconds, "assemble_stages": manifest["timings_seconds"]}
         write_manifest(staging, manifest)
-    return _result(config.output)
+    result = _result(config.output)
+    if not config.test:
+        return result
+    boot_report = bootcheck.test(config.output, config)  # the outputs stay either way: they are what failed
+    return dataclasses.replace(result, boot_test=boot_report,
+                               status="ok" if boot_report.ok else "boot test failed")

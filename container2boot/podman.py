@@ -313,12 +313,16 @@ class Session:
         )
         last_line = ""
         try:
-            container.start()
-            for chunk in container.logs(stream=True, follow=True):
-                for line in chunk.decode(errors="replace").splitlines():
-                    logger.info("%s", line)
-                    last_line = line or last_line
-            status = container.wait()
+            try:
+                container.start()
+                for chunk in container.logs(stream=True, follow=True):
+                    for line in chunk.decode(errors="replace").splitlines():
+                        logger.info("%s", line)
+                        last_line = line or last_line
+                status = container.wait()
+            except APIError as e:  # an HTTP error is an OSError too: it must not pass for a failed write
+                raise C2BootError(f"podman could not run the rootbuilder container: {e.explanation or e} "
+                                  "(`c2boot doctor` checks podman on this host)") from None
             code = status if isinstance(status, int) else status.get("StatusCode", 1)
             if code != 0:
                 detail = last_line.removeprefix("c2boot: error: ")

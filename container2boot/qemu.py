@@ -1,15 +1,19 @@
-"""Booting a built disk in QEMU and watching its serial console: the evidence that an image boots.
+"""Booting a built disk in QEMU: the firmware files, KVM or software emulation, and one QEMU command line for
+`c2boot run`, `c2boot test` and the boot tests, which watch the serial console for evidence that an image boots.
 
 QEMU is a long-running process watched while it runs, so it is started here rather than through run().
 """
 
+import base64
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -22,6 +26,15 @@ OVMF_PAIRS = (  # (code, vars template), first match wins
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
 )
+# Secure Boot: firmware built with it, and variables with Microsoft's keys enrolled (which sign the distributions'
+# shims). Needs a q35 machine with SMM.
+SECURE_BOOT_PAIRS = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.secboot.fd", "/usr/share/OVMF/OVMF_VARS.ms.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd", "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd"),
+)
+DISK_FORMATS = {".qcow2": "qcow2", ".vmdk": "vmdk", ".vdi": "vdi", ".vhdx": "vhdx", ".vhd": "vpc"}  # else raw
+GUEST_HOST_ADDRESS = "10.0.2.2"  # the host's 127.0.0.1 as QEMU's user network shows it to the guest
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\r")
 
 
@@ -32,11 +45,13 @@ class BootResult:
     console: str  # the serial console output, escape sequences removed
 
 
-def find_ovmf() -> tuple[Path, Path]:
-    for code, variables in OVMF_PAIRS:
+def find_ovmf(secure_boot: bool = False) -> tuple[Path, Path]:
+    """The UEFI firmware code and the variables template to copy (the guest writes its variables)."""
+    for code, variables in SECURE_BOOT_PAIRS if secure_boot else OVMF_PAIRS:
         if Path(code).is_file() and Path(variables).is_file():
             return Path(code), Path(variables)
-    raise C2BootError("OVMF (UEFI firmware for QEMU) not found: install ovmf (Debian) / edk2-ovmf (Fedora)")
+    kind = "with Secure Boot (OVMF_CODE*.secboot.fd and Microsoft-key variables)" if secure_boot else "for QEMU"
+    raise C2BootError(f"OVMF (UEFI firmware {kind}) not found: install ovmf (Debian) / edk2-ovmf (Fedora)")
 
 
 KVM_PROBE_SECONDS = 20
@@ -85,26 +100,90 @@ def accelerator() -> str:
     usable, why = kvm_usable()
     if usable:
         return "kvm"
-    logger.info("    %s: using software emulation (TCG), which is slower", why)
+    _tell_once(f"    {why}: using software emulation (TCG), which is slower")
     return "tcg,thread=multi"
 
 
-def qemu_command(disk: Path, firmware: str, scratch: Path, console_log: Path, snapshot: bool = True) -> list[str]:
-    argv = [
-        require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", accelerator(), "-smp", "2", "-m", "2048",
-        "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{console_log}",
-        # snapshot=on: the built image is never written to (off only for a disk that should keep the changes).
-        "-drive", f"file={disk},format=raw,if=virtio,snapshot={'on' if snapshot else 'off'}",
-    ]
-    if firmware == "uefi":
-        code, variables = find_ovmf()
+@cache
+def _tell_once(message: str) -> None:
+    logger.info("%s", message)
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    """What to boot and how. With `kernel` set, QEMU starts it directly (no firmware boot loader)."""
+
+    disk: Path | None
+    firmware: str = "uefi"  # uefi, secure-boot or bios
+    memory_mib: int = 2048
+    cpus: int = 2
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    ssh_port: int | None = None
+    snapshot: bool = True  # False: the guest writes to `disk`
+    reboot: bool = False  # False: a reboot ends QEMU, as a test wants
+    serial: Sequence[str] = ()  # -serial backends, the console first; none: the console on stdio
+    credentials: Mapping[str, bytes] = field(default_factory=dict)  # systemd credentials, via SMBIOS type 11
+
+
+def disk_format(disk: Path) -> str:
+    return DISK_FORMATS.get(disk.suffix, "raw")
+
+
+def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
+    """The QEMU command line for `vm`; `scratch` receives the writable copy of the UEFI variables."""
+    machine = "q35,smm=on" if vm.firmware == "secure-boot" else "q35"
+    argv = [require_tool("qemu-system-x86_64"), "-machine", machine, "-accel", accelerator(),
+            "-smp", str(vm.cpus), "-m", str(vm.memory_mib), "-display", "none"]
+    argv += ["-monitor", "none"] if vm.serial else []
+    argv += ["-no-reboot"] if not vm.reboot else []
+    for backend in vm.serial or ["mon:stdio"]:
+        argv += ["-serial", backend]
+    if vm.disk is not None:
+        # snapshot=on: the built image is never written to; the guest's writes go to a temporary overlay.
+        argv += ["-drive", f"file={vm.disk},format={disk_format(vm.disk)},if=virtio,"
+                           f"snapshot={'on' if vm.snapshot else 'off'}"]
+    forward = f",hostfwd=tcp:127.0.0.1:{vm.ssh_port}-:22" if vm.ssh_port else ""
+    argv += ["-nic", f"user,model=virtio-net-pci{forward}"]
+    if vm.kernel is not None:
+        argv += ["-kernel", str(vm.kernel), "-append", vm.append]
+        argv += ["-initrd", str(vm.initrd)] if vm.initrd else []
+    for name, value in vm.credentials.items():
+        argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={base64.b64encode(value).decode()}"]
+    if vm.firmware in ("uefi", "secure-boot"):
+        code, variables = find_ovmf(secure_boot=vm.firmware == "secure-boot")
         writable_vars = scratch / "OVMF_VARS.fd"
         shutil.copyfile(variables, writable_vars)
+        writable_vars.chmod(0o644)
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={writable_vars}"]
-    elif firmware != "bios":  # bios: SeaBIOS, QEMU's default
-        raise C2BootError(f"unknown firmware {firmware!r}: use uefi or bios")
+        if vm.firmware == "secure-boot":
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+    elif vm.firmware != "bios":  # bios: SeaBIOS, QEMU's default
+        raise C2BootError(f"unknown firmware {vm.firmware!r}: use uefi, secure-boot or bios")
     return argv
+
+
+@contextmanager
+def started(vm: VirtualMachine) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """QEMU running `vm` in the background, with a scratch directory for its files; stopped on leaving."""
+    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
+        scratch = Path(tmp)
+        process = subprocess.Popen(qemu_command(vm, scratch), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True)
+        try:
+            yield process, scratch
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def read_console(path: Path) -> str:
+    return ANSI_ESCAPE.sub("", path.read_text(errors="replace"))
 
 
 def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: float = 300,
@@ -112,17 +191,15 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
     """Boot `disk` until the console shows a line matching `pattern` (regex), or `timeout` seconds pass.
     With `snapshot` False the guest writes to `disk` (QEMU is stopped like a power cut, after a match)."""
     wanted = re.compile(pattern, re.MULTILINE)
-    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
-        scratch = Path(tmp)
-        console_log = scratch / "console.log"
+    with tempfile.TemporaryDirectory(prefix="c2boot-console-") as tmp:
+        console_log = Path(tmp) / "console.log"
         console_log.touch()
-        process = subprocess.Popen(qemu_command(disk, firmware, scratch, console_log, snapshot),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        start = time.monotonic()
-        console = ""
-        try:
+        vm = VirtualMachine(disk, firmware=firmware, snapshot=snapshot, serial=[f"file:{console_log}"])
+        with started(vm) as (process, _):
+            start = time.monotonic()
+            console = ""
             while time.monotonic() - start < timeout:
-                console = ANSI_ESCAPE.sub("", console_log.read_text(errors="replace"))
+                console = read_console(console_log)
                 if wanted.search(console):
                     return BootResult(True, time.monotonic() - start, console)
                 if process.poll() is not None:
@@ -130,9 +207,9 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
                     return BootResult(False, time.monotonic() - start, console + f"\n[qemu exited: {error}]")
                 time.sleep(1)
             return BootResult(False, time.monotonic() - start, console)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+
+
+def run_interactive(vm: VirtualMachine) -> int:
+    """Boot `vm` with its serial console on this terminal until the guest powers off or the user quits."""
+    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
+        return subprocess.run(qemu_command(vm, Path(tmp)), check=False).returncode

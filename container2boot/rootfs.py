@@ -21,6 +21,9 @@ PACKAGES: dict[str, dict[str, str]] = {
                "alpine": "dracut"},
     "dmsquash-live": {"debian": "dracut-live", "ubuntu": "dracut-live", "fedora": "dracut-live",
                       "rhel": "dracut-live", "arch": "dracut", "alpine": "dracut"},
+    "livenet": {"debian": "dracut-network curl", "ubuntu": "dracut-network curl", "fedora": "dracut-live "
+                "dracut-network curl", "rhel": "dracut-live dracut-network curl", "arch": "dracut curl",
+                "alpine": "dracut curl"},
     "init": {"debian": "systemd-sysv", "ubuntu": "systemd-sysv", "fedora": "systemd", "rhel": "systemd",
              "arch": "systemd", "alpine": "openrc"},
 }
@@ -29,7 +32,9 @@ PROBLEMS = {  # "IMAGE has ..."
     "dracut": "no dracut, which builds the initrd",
     "dmsquash-live": "dracut but not its dmsquash-live module, which boots the live root image",
     "init": "no init system (/sbin/init)",
+    "livenet": "no network boot support (dracut's livenet and network modules, and curl)",
 }
+NETWORK_MODULES = ("network", "network-legacy", "network-manager", "systemd-networkd")
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x03: "i386", 0x28: "arm", 0xF3: "riscv64", 0x15: "ppc64",
                 0x16: "s390x"}
 SELINUX_TYPE = re.compile(r"^SELINUXTYPE=(\S+)", re.MULTILINE)
@@ -57,6 +62,7 @@ class Report:
     selinux_policy: str | None
     size_bytes: int
     labels: dict[str, str] = field(default_factory=dict)
+    curl: bool = False  # dracut's livenet downloads the root image with it
 
     @property
     def name(self) -> str:
@@ -76,8 +82,13 @@ class Report:
     def bootc(self) -> bool:
         return self.labels.get("containers.bootc") == "1"
 
-    def missing(self, layout: str = "live") -> list[str]:
-        """The needs (keys of PACKAGES) this image lacks for `layout`."""
+    @property
+    def netboot_ready(self) -> bool:
+        return ("livenet" in self.dracut_modules and self.curl
+                and any(m in self.dracut_modules for m in NETWORK_MODULES))
+
+    def missing(self, layout: str = "live", netboot: bool = False) -> list[str]:
+        """The needs (keys of PACKAGES) this image lacks for `layout` (and for booting over the network)."""
         needs = []
         if self.kernel is None:
             needs.append("kernel")
@@ -87,6 +98,8 @@ class Report:
             needs.append("dmsquash-live")
         if self.init == "none":
             needs.append("init")
+        if netboot and not self.netboot_ready:
+            needs.append("livenet")
         return needs
 
     def packages(self, needs: list[str]) -> str:
@@ -97,19 +110,19 @@ class Report:
         by_family = {f: " ".join(dict.fromkeys(PACKAGES[n][f] for n in needs)) for f in ("debian", "fedora", "arch")}
         return "add " + ", ".join(f"`{p}` ({FAMILIES[f]})" for f, p in by_family.items()) + " to the image"
 
-    def verdict(self, layout: str = "live") -> str:
-        needs = self.missing(layout)
+    def verdict(self, layout: str = "live", netboot: bool = False) -> str:
+        needs = self.missing(layout, netboot)
         if not needs:
-            return f"{self.name} can boot ({layout} layout) as it is"
+            return f"{self.name} can boot ({layout} layout{', and over the network' if netboot else ''}) as it is"
         shown = [n for n in needs if not (n == "dmsquash-live" and "dracut" in needs)]  # no dracut says it all
         problems = "; ".join(PROBLEMS[n] for n in shown)
         note = " (it uses initramfs-tools; dracut replaces it)" if self.initramfs_tools and "dracut" in needs else ""
         return f"{self.name} has {problems}{note}: {self.packages(needs)}"
 
-    def check(self, layout: str = "live") -> None:
-        """Fail with the verdict when the image cannot boot in `layout`."""
-        if self.missing(layout):
-            raise C2BootError(self.verdict(layout))
+    def check(self, layout: str = "live", netboot: bool = False) -> None:
+        """Fail with the verdict when the image cannot boot in `layout` (or, with `netboot`, over the network)."""
+        if self.missing(layout, netboot):
+            raise C2BootError(self.verdict(layout, netboot))
 
     def as_json(self, layout: str = "live") -> dict[str, Any]:
         needs = self.missing(layout)
@@ -122,6 +135,7 @@ class Report:
             "init": self.init,
             "dracut": {"version": self.dracut_version, "live_modules": sorted(
                 m for m in self.dracut_modules if m in ("dmsquash-live", "livenet", "overlayfs"))},
+            "netboot": self.netboot_ready,
             "initramfs_tools": self.initramfs_tools,
             "secure_boot_loader": self.signed_loader,
             "selinux_policy": self.selinux_policy,
@@ -238,17 +252,18 @@ def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str 
         selinux_policy=find_selinux_policy(tree),
         size_bytes=tree.size_bytes(),
         labels=dict(labels or {}),
+        curl=any(tree.is_file(f"{d}/curl") for d in ("usr/bin", "bin")),
     )
 
 
-def inspect(root: Path, live: bool = True) -> RootfsInfo:
+def inspect(root: Path, live: bool = True, netboot: bool = False) -> RootfsInfo:
     """What the assemble stage needs from the rootfs directory `root`; fails with the packages to add when the
-    image cannot boot (a live boot also needs dmsquash-live)."""
+    image cannot boot (a live boot also needs dmsquash-live, a network boot livenet)."""
     if not root.is_dir():
         raise C2BootError(f"rootfs {root} is not a directory")
     tree = Tree.from_directory(root)
     report = examine(tree)
-    report.check("live" if live else "installed")
+    report.check("live" if live else "installed", netboot)
     kernel = report.kernel
     assert kernel is not None
     return RootfsInfo(root, report.os_release, kernel.version, tree.real_path(kernel.image), report.dracut_modules,

@@ -37,6 +37,10 @@ PACKAGES: Mapping[str, str] = {
     "tar": "tar",
     "syslinux": "syslinux (Debian, Fedora)",
     "sfdisk": "fdisk (Debian) / util-linux (Fedora)",
+    "qemu-img": "qemu-utils (Debian) / qemu-img (Fedora)",
+    "xz": "xz-utils",
+    "zstd": "zstd",
+    "mdir": "mtools",
 }
 
 ERROR_TAIL_LINES = 8
@@ -61,12 +65,14 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     name: str | None = None,
+    check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
 
     Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
     `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin; `name` is what
-    errors call the tool when argv[0] is only a wrapper around it.
+    errors call the tool when argv[0] is only a wrapper around it; with `check` False the caller judges the exit
+    status.
     """
     args = [str(a) for a in argv]
     tool = name or Path(args[0]).name
@@ -86,7 +92,7 @@ def run(
         )
     except OSError as e:
         raise C2BootError(f"{tool} could not be started: {e}") from e
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise C2BootError(failure_message(tool, result.returncode, (result.stdout or "") + (result.stderr or "")))
     if not capture and result.stdout:
         logger.debug("%s", result.stdout.rstrip())

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,22 @@ def boot_evidence(disk: Path, pattern: str, firmware: str = "uefi", snapshot: bo
     assert result.matched, f"no evidence ({pattern}) under {firmware} after {result.seconds:.0f}s:\n" \
         f"{result.console[-3000:]}"
     return result.console
+
+
+@contextmanager
+def derived_image(tag: str, script: str) -> Iterator[str]:
+    """The example machine changed by a shell `script` (run in a container, committed as `tag`), removed after."""
+    name = tag.rpartition("/")[2].replace(":", "-")
+    subprocess.run(["podman", "run", "--name", name, "--entrypoint", "sh", EXAMPLE_IMAGE, "-c", script],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run(["podman", "commit", "--quiet", name, tag], check=True, capture_output=True)
+    finally:
+        subprocess.run(["podman", "rm", "--force", name], check=True, capture_output=True)
+    try:
+        yield tag
+    finally:
+        subprocess.run(["podman", "rmi", "--force", tag], check=False, capture_output=True)
 
 
 def require_host_tools(*tools: str) -> None:

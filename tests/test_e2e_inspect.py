@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.podman import external_containers
-from tests.conftest import EXAMPLE_IMAGE, c2boot
+from tests.conftest import EXAMPLE_IMAGE, c2boot, derived_image
 
 pytestmark = pytest.mark.slow
 BASE_IMAGE = "docker.io/library/debian:trixie"  # present after the example build (pulled or bootstrapped)
@@ -20,15 +20,8 @@ NO_DRACUT_IMAGE = "localhost/container2boot-tests/no-dracut:latest"
 @pytest.fixture(scope="module")
 def no_dracut_image(example_build: Path) -> Iterator[str]:
     """The example machine with dracut removed: a kernel but nothing to build an initrd with."""
-    name = "c2boot-tests-no-dracut"
-    subprocess.run(["podman", "run", "--name", name, "--entrypoint", "sh", EXAMPLE_IMAGE, "-c",
-                    "rm -rf /usr/bin/dracut /usr/lib/dracut"], check=True, capture_output=True)
-    try:
-        subprocess.run(["podman", "commit", "--quiet", name, NO_DRACUT_IMAGE], check=True, capture_output=True)
-    finally:
-        subprocess.run(["podman", "rm", "--force", name], check=True, capture_output=True)
-    yield NO_DRACUT_IMAGE
-    subprocess.run(["podman", "rmi", "--force", NO_DRACUT_IMAGE], check=False, capture_output=True)
+    with derived_image(NO_DRACUT_IMAGE, "rm -rf /usr/bin/dracut /usr/lib/dracut") as image:
+        yield image
 
 
 def test_inspect_example_image_is_bootable(example_build: Path) -> None:

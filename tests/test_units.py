@@ -74,6 +74,9 @@ def test_command_line_reproduces_the_settings_for_the_rootbuilder() -> None:
     args = command_line(config, "assemble", skip={"output", "force"})
     assert args == ["--diskimage", "--bios", "--table", "mbr", "--compression", "xz", "--cmdline", "a b"]
     assert command_line(Config(), "assemble") == []
+    boot_settings = Config(netboot=True, formats=("qcow2", "vhd"), compress="xz", test=True, firmware="secure-boot")
+    assert command_line(boot_settings, "assemble") == [  # --test and --firmware are for the host's boot test
+        "--diskimage", "--netboot", "--format", "qcow2", "--format", "vhd", "--compress", "xz"]
 
 
 # Output staging ------------------------------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""`c2boot test`: boot a built image headless and let the booted system say whether it came up.
+
+The image is not changed: a small report unit reaches the guest as a systemd credential (SMBIOS type 11, read by
+systemd 256 or newer), runs once the default target is reached, waits for the startup to finish and writes the
+system state, the failed units and systemd's boot timestamps to a second serial port that only the host reads.
+The console (first serial port) is kept for the failure report: kernel panics, emergency mode, firmware refusals.
+"""
+
+import dataclasses
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from container2boot import qemu
+from container2boot.config import Config
+from container2boot.log import logger
+from container2boot.templates import render
+from container2boot.vm import machine
+
+REPORT_UNIT = "c2boot-report.service"
+REPORT_PORT = "/dev/ttyS1"
+REPORT_MARKER = "c2boot-report-begin"  # OVMF and GRUB write to every serial port: the report starts after this
+MANAGER_PROPERTIES = ("FirmwareTimestampMonotonic", "LoaderTimestampMonotonic", "InitRDTimestampMonotonic",
+                      "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
+# Console lines that mean the boot cannot succeed any more; the test stops early and names the cause.
+FATAL_CONSOLE = (
+    (re.compile(r"Kernel panic - not syncing.*"), "the kernel panicked"),
+    (re.compile(r"You are in emergency mode|Entering emergency mode.*|dracut Warning: Could not boot.*"),
+     "the system fell into emergency mode"),
+    (re.compile(r"Access Denied|Security Violation|bad shim signature"),
+     "the firmware refused the boot loader (Secure Boot: the image needs a signed shim and GRUB)"),
+    (re.compile(r"No bootable device|Boot failed: not a bootable disk|No bootable option or device was found"),
+     "the firmware found nothing to boot"),
+    (re.compile(r"error: (no such device|file .* not found|you need to load the kernel first).*"),
+     "GRUB could not load the kernel"),
+)
+GRACE_SECONDS = 5  # more console after a fatal line, for the report
+CONSOLE_TAIL_LINES = 30
+
+
+@dataclass
+class BootReport:
+    """What `c2boot test` found out; `ok` only when the default target was reached with no failed units."""
+
+    ok: bool
+    verdict: str
+    boot: str  # disk, direct or network
+    firmware: str
+    accelerator: str
+    image: str
+    default_target: str | None = None
+    reached_default_target: bool = False
+    system_state: str | None = None  # running, degraded, ... as `systemctl is-system-running` says
+    failed_units: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    problem: str | None = None
+    console_tail: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """The human-readable report: one verdict line, then the timings or what the console said last."""
+        lines = [f"{'UP' if self.ok else 'FAILED'}: {self.verdict}"]
+        if self.seconds:
+            lines.append("  " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s"
+                                          for name, value in self.seconds.items()))
+        lines += [f"  failed unit: {unit}" for unit in self.failed_units]
+        if not self.ok and self.console_tail:
+            lines += ["  last console lines:", *(f"    {line}" for line in self.console_tail)]
+        return "\n".join(lines)
+
+
+def report_unit() -> bytes:
+    return render("report.service.j2", port=REPORT_PORT, marker=REPORT_MARKER,
+                  manager_properties=MANAGER_PROPERTIES).encode()
+
+
+def report_credentials() -> dict[str, bytes]:
+    """The unit and the drop-in that pulls it into the boot (systemd-debug-generator reads both credentials)."""
+    return {
+        f"systemd.extra-unit.{REPORT_UNIT}": report_unit(),
+        "systemd.unit-dropin.basic.target~c2boot-report": f"[Unit]\nWants={REPORT_UNIT}\n".encode(),
+    }
+
+
+def parse_report(text: str) -> dict[str, Any]:
+    """The report's lines ('key value' and systemctl's 'Key=value') as a dict; failed units as a list. Whatever
+    came before the marker (firmware, boot loader) is not part of it."""
+    values: dict[str, Any] = {"failed": []}
+    _, marker, report = text.partition(REPORT_MARKER)
+    for line in report.splitlines() if marker else []:
+        line = line.strip()
+        if "=" in line and " " not in line.partition("=")[0]:
+            key, _, value = line.partition("=")
+            values[key] = value
+        elif line:
+            key, _, value = line.partition(" ")
+            if key == "failed":
+                values["failed"].append(value)
+            else:
+                values[key] = value
+    return values
+
+
+def _microseconds(values: dict[str, Any], key: str) -> int:
+    try:
+        return int(values.get(key, 0))
+    except ValueError:
+        return 0
+
+
+def boot_seconds(values: dict[str, Any], host_seconds_at_reached: float) -> dict[str, float]:
+    """Firmware and loader (from the host's clock, as the guest's starts with the kernel), kernel, initrd and
+    userspace until the default target, like `systemd-analyze time`."""
+    initrd = _microseconds(values, "InitRDTimestampMonotonic")
+    userspace = _microseconds(values, "UserspaceTimestampMonotonic")
+    target = _microseconds(values, "target_entered")
+    seconds: dict[str, float] = {}
+    try:
+        guest_uptime = float(values["reached"])
+        seconds["firmware_and_loader"] = round(max(0.0, host_seconds_at_reached - guest_uptime), 1)
+    except (KeyError, ValueError):
+        pass
+    if userspace:
+        seconds["kernel"] = round((initrd or userspace) / 1e6, 1)
+        if initrd:
+            seconds["initrd"] = round((userspace - initrd) / 1e6, 1)
+        if target > userspace:
+            seconds["userspace"] = round((target - userspace) / 1e6, 1)
+    seconds["total"] = round(host_seconds_at_reached, 1)
+    return seconds
+
+
+def fatal_console_line(console: str) -> tuple[str, str] | None:
+    """(cause, the console line) for the first line that means the boot failed."""
+    for pattern, cause in FATAL_CONSOLE:
+        if match := pattern.search(console):
+            return cause, match.group(0).strip()
+    return None
+
+
+def console_tail(console: str) -> list[str]:
+    lines = [line.rstrip() for line in console.splitlines() if line.strip()]
+    return lines[-CONSOLE_TAIL_LINES:]
+
+
+def test(target: Path, config: Config) -> BootReport:
+    """`c2boot test`: boot a build's output directory or disk image as `config` says, and report."""
+    with machine(target, config) as (vm, boot, built):
+        logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s)", built.what(boot), boot,
+                    config.firmware, config.timeout)
+        return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout)
+
+
+def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float) -> BootReport:
+    """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up."""
+    with tempfile.TemporaryDirectory(prefix="c2boot-test-") as tmp:
+        console_log, report_log = Path(tmp) / "console.log", Path(tmp) / "report.log"
+        console_log.touch()
+        report_log.touch()
+        vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"],
+                          credentials={**vm.credentials, **report_credentials()}, reboot=False)
+        accelerator = qemu.accelerator()
+        report = BootReport(ok=False, verdict="", boot=boot, firmware=vm.firmware,
+                            accelerator=accelerator.split(",")[0], image=image)
+        with qemu.started(vm) as (process, _):
+            start = time.monotonic()
+            reached_at: float | None = None
+            fatal: tuple[str, str] | None = None
+            fatal_at = 0.0
+            while True:
+                elapsed = time.monotonic() - start
+                values = parse_report(report_log.read_text(errors="replace"))
+                if "reached" in values and reached_at is None:
+                    reached_at = elapsed
+                if "end" in values or elapsed > timeout:
+                    break
+                if process.poll() is not None:
+                    report.problem = "QEMU stopped: " + (
+                        (process.stderr.read().strip() if process.stderr else "") or "the guest powered off or reset")
+                    break
+                if reached_at is None and fatal is None:
+                    fatal = fatal_console_line(qemu.read_console(console_log))
+                    fatal_at = elapsed
+                if fatal is not None and elapsed - fatal_at > GRACE_SECONDS:
+                    break
+                time.sleep(0.5)
+            console = qemu.read_console(console_log)
+        return decide(report, values, console, fatal, reached_at, timeout)
+
+
+def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tuple[str, str] | None,
+           reached_at: float | None, timeout: float) -> BootReport:
+    """Fill in `report` from what the report port and the console showed."""
+    report.default_target = values.get("default_target")
+    report.system_state = values.get("state")
+    report.failed_units = list(values.get("failed", []))
+    report.reached_default_target = values.get("target_state") == "active"
+    if reached_at is not None:
+        report.seconds = boot_seconds(values, reached_at)
+    target = report.default_target or "its default target"
+    if "end" in values and report.reached_default_target and report.system_state == "running":
+        report.ok = True
+        report.verdict = f"the system reached {target} and is running, with no failed units"
+        return report
+    report.console_tail = console_tail(console)
+    if "end" in values and report.reached_default_target:
+        report.problem = f"the system reached {target} but is {report.system_state}"
+        if report.failed_units:
+            report.problem += f": {len(report.failed_units)} unit(s) failed"
+    elif "end" in values:
+        report.problem = f"{target} is not active (the system is {report.system_state})"
+    elif reached_at is not None:
+        report.problem = f"the system reached {target}, but its startup did not finish within {timeout:.0f} s"
+    elif fatal is not None:
+        report.problem = f"{fatal[0]} ({fatal[1]})"
+    elif report.problem is None:
+        report.problem = (f"no report from the system within {timeout:.0f} s: it did not reach its default target, "
+                          "or its systemd is older than 256 (which reads the test's unit from SMBIOS credentials)")
+    report.verdict = report.problem
+    return report

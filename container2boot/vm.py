@@ -1,0 +1,102 @@
+"""What `c2boot run` and `c2boot test` boot: an output directory (or a disk image in any --format) and the
+settings become one qemu.VirtualMachine; a network boot also gets its HTTP server for as long as QEMU runs."""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from container2boot import netboot
+from container2boot.bootloader import BOOT_DIR
+from container2boot.config import Config
+from container2boot.errors import C2BootError
+from container2boot.log import logger
+from container2boot.output import MANIFEST
+from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine
+
+
+@dataclass(frozen=True)
+class Built:
+    """A build's outputs: its directory, the disk to boot (if any) and its manifest (empty if none)."""
+
+    out: Path
+    disk: Path | None
+    manifest: dict[str, Any]
+
+    def what(self, boot: str) -> Path:
+        """What a `boot` (disk, direct or network) starts from, for messages and reports."""
+        return self.out if boot == "network" or self.disk is None else self.disk
+
+    @property
+    def boot(self) -> dict[str, Any]:
+        boot: dict[str, Any] = self.manifest.get("boot", {})
+        return boot
+
+
+def locate(target: Path) -> Built:
+    """OUT (the output directory of `c2boot build`) or one of its disk images (disk.img, disk.qcow2, ...)."""
+    if target.is_dir():
+        out, disk = target, (target / "disk.img" if (target / "disk.img").is_file() else None)
+    elif target.is_file():
+        out, disk = target.parent, target
+    else:
+        raise C2BootError(f"{target} not found: pass the output directory of `c2boot build` or a disk image")
+    try:
+        manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
+    except json.JSONDecodeError as e:
+        raise C2BootError(f"{out / MANIFEST} is not valid JSON ({e}): rebuild the outputs") from None
+    return Built(out, disk, manifest)
+
+
+def check_firmware(built: Built, firmware: str) -> None:
+    """Refuse a firmware the build cannot boot with, before a boot that would only time out."""
+    loader = str(built.boot.get("bootloader", ""))
+    if firmware == "bios" and built.boot.get("firmware") and "bios" not in built.boot["firmware"]:
+        raise C2BootError(f"{built.out} was built without --bios, so SeaBIOS cannot boot it: rebuild with --bios, "
+                          "or use --firmware uefi")
+    if firmware == "secure-boot" and "unsigned" in loader:
+        raise C2BootError(f"{built.out} boots with an unsigned GRUB, which Secure Boot refuses: add a signed shim "
+                          "and GRUB to the image (Debian: shim-signed grub-efi-amd64-signed; Fedora: shim-x64 "
+                          "grub2-efi-x64) and rebuild, or use --firmware uefi")
+
+
+def _kernel_files(built: Built) -> tuple[Path, Path]:
+    boot_dir = built.out / "esp" / BOOT_DIR
+    kernel, initrd = boot_dir / "vmlinuz", boot_dir / "initrd.img"
+    if not (kernel.is_file() and initrd.is_file()):
+        raise C2BootError(f"{built.out} has no esp/{BOOT_DIR}/vmlinuz and initrd.img: pass the output directory "
+                          "of `c2boot build`")
+    return kernel, initrd
+
+
+@contextmanager
+def machine(target: Path, config: Config) -> Iterator[tuple[VirtualMachine, str, Built]]:
+    """The virtual machine for `target` and how it boots (disk, direct or network)."""
+    built = locate(target)
+    check_firmware(built, config.firmware)
+    common: dict[str, Any] = {"firmware": config.firmware, "memory_mib": config.memory_mib, "cpus": config.cpus,
+                              "ssh_port": config.ssh_port}
+    cmdline = str(built.manifest.get("kernel", {}).get("cmdline", ""))
+    if config.boot_from_network:
+        kernel, initrd = _kernel_files(built)
+        with netboot.serving(netboot.boot_files(built.out, built.manifest), "127.0.0.1", 0, quiet=True) as server:
+            url = f"http://{GUEST_HOST_ADDRESS}:{server.server_port}/squashfs.img"
+            logger.info("==> Serving %s/esp/%s on 127.0.0.1:%d for the guest", built.out, BOOT_DIR,
+                        server.server_port)
+            yield (VirtualMachine(None, kernel=kernel, initrd=initrd, append=netboot.netboot_cmdline(
+                cmdline, url, config.append), **common), "network", built)
+        return
+    if built.disk is None:
+        raise C2BootError(f"{built.out} has no disk.img: build with --diskimage, or boot over the network with "
+                          "--netboot (a build with --netboot)")
+    if config.direct:
+        if not cmdline:
+            raise C2BootError(f"{built.out} has no manifest.json with the kernel arguments: --direct needs the "
+                              "output directory of `c2boot build`")
+        kernel, initrd = _kernel_files(built)
+        yield (VirtualMachine(built.disk, kernel=kernel, initrd=initrd, append=f"{cmdline} {config.append}".strip(),
+                              **common), "direct", built)
+        return
+    yield VirtualMachine(built.disk, **common), "disk", built

@@ -1,0 +1,259 @@
+"""run/test/serve/formats without booting: the QEMU command line, the boot report, network boot arguments and
+serving, qemu-img conversions and SHA256SUMS (real qemu-img, zstd and xz on small files)."""
+
+import base64
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from container2boot import bootcheck, formats, netboot, vm
+from container2boot.config import Config
+from container2boot.errors import C2BootError
+from container2boot.qemu import VirtualMachine, qemu_command
+from tests.conftest import C2BOOT, c2boot, require_host_tools
+
+LIVE_CMDLINE = ("root=live:LABEL=C2BOOT rd.live.dir=/container2boot rd.live.squashimg=squashfs.img rd.live.image "
+                "rd.live.overlay.readonly console=tty0 console=ttyS0,115200 quiet")
+
+
+@pytest.fixture(autouse=True)
+def _no_kvm_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("C2BOOT_QEMU_ACCEL", "tcg")
+
+
+def fake_out(tmp_path: Path, boot: dict[str, object], disk: bool = True) -> Path:
+    """An output directory as `c2boot build` leaves it, with tiny files."""
+    out = tmp_path / "out"
+    boot_dir = out / "esp" / "container2boot"
+    boot_dir.mkdir(parents=True)
+    for name in ("vmlinuz", "initrd.img", "squashfs.img"):
+        (boot_dir / name).write_bytes(name.encode() * 100)
+    if disk:
+        (out / "disk.img").write_bytes(b"\0" * 4096)
+    (out / "manifest.json").write_text(json.dumps({"kernel": {"cmdline": LIVE_CMDLINE}, "boot": boot}))
+    return out
+
+
+# Settings ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"formats": ("qcow3",)}, "unknown --format 'qcow3'"),
+    ({"compress": "gz"}, "unknown --compress"),
+    ({"firmware": "coreboot"}, "unknown firmware"),
+    ({"test": True, "firmware": "bios"}, "add --bios"),
+    ({"append": "quiet"}, "add one"),
+    ({"direct": True, "boot_from_network": True}, "choose one"),
+    ({"ssh_port": 70000}, "not a port number"),
+    ({"memory": "lots"}, "--memory 'lots' is not a size"),
+    ({"netboot": True, "layout": "installed"}, "drop it for --layout installed"),
+])
+def test_invalid_vm_settings(values: dict[str, object], message: str) -> None:
+    with pytest.raises(C2BootError, match=message):
+        Config(**values)  # type: ignore[arg-type]
+
+
+def test_formats_compress_and_test_imply_a_disk_image() -> None:
+    for values in ({"formats": ("qcow2",)}, {"compress": "zst"}, {"test": True}):
+        assert Config(**values).diskimage  # type: ignore[arg-type]
+    assert Config(memory="1536M").memory_mib == 1536
+
+
+# The QEMU command line -----------------------------------------------------------------------------------------
+
+
+def test_secure_boot_uses_smm_secboot_firmware_and_a_writable_variables_copy(tmp_path: Path) -> None:
+    argv = qemu_command(VirtualMachine(Path("/x/disk.qcow2"), firmware="secure-boot", serial=["file:c"]), tmp_path)
+    assert argv[argv.index("-machine") + 1] == "q35,smm=on"
+    assert "driver=cfi.pflash01,property=secure,value=on" in argv
+    assert any("secboot" in a and "readonly=on" in a for a in argv)
+    assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'OVMF_VARS.fd'}" in argv
+    assert (tmp_path / "OVMF_VARS.fd").stat().st_size > 0
+    assert "file=/x/disk.qcow2,format=qcow2,if=virtio,snapshot=on" in argv  # never writes the built image
+
+
+def test_bios_direct_kernel_ssh_forward_and_credentials(tmp_path: Path) -> None:
+    machine = VirtualMachine(Path("/x/disk.img"), firmware="bios", kernel=Path("/k"), initrd=Path("/i"),
+                             append="quiet", ssh_port=2222, credentials={"a.b": b"[Unit]\n"}, memory_mib=1024)
+    argv = qemu_command(machine, tmp_path)
+    assert not any("pflash" in a for a in argv)
+    assert argv[argv.index("-kernel") + 1 :][:4] == ["/k", "-append", "quiet", "-initrd"]
+    assert "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22" in argv
+    encoded = base64.b64encode(b"[Unit]\n").decode()
+    assert f"type=11,value=io.systemd.credential.binary:a.b={encoded}" in argv
+    assert argv[argv.index("-serial") + 1] == "mon:stdio"  # no serial files: the console is the terminal
+    assert argv[argv.index("-m") + 1] == "1024"
+
+
+# The boot report -----------------------------------------------------------------------------------------------
+
+REPORT = """BdsDxe: loading Boot0002 "UEFI Misc Device" from PciRoot(0x0)/Pci(0x3,0x0)
+  Booting `Debian GNU/Linux 13 (trixie) (container2boot live)' state=junk
+c2boot-report-begin
+reached 22.41
+finished 23.60
+state running
+default_target graphical.target
+target_state active
+target_entered 22061810
+FirmwareTimestampMonotonic=0
+LoaderTimestampMonotonic=0
+InitRDTimestampMonotonic=3035510
+UserspaceTimestampMonotonic=13402841
+FinishTimestampMonotonic=22944323
+end
+"""
+
+
+def test_report_unit_escapes_dollars_for_systemd_and_is_pulled_in_after_the_default_target() -> None:
+    unit = bootcheck.report_unit().decode()
+    assert "After=default.target" in unit and "ConditionPathExists=!/etc/initrd-release" in unit
+    assert "StandardOutput=file:/dev/ttyS1" in unit
+    assert "$$(systemctl is-system-running --wait)" in unit and " $up" not in unit
+    assert "FinishTimestampMonotonic" in unit
+    dropin = bootcheck.report_credentials()["systemd.unit-dropin.basic.target~c2boot-report"].decode()
+    assert dropin == "[Unit]\nWants=c2boot-report.service\n"
+
+
+def test_a_running_system_passes_with_timings() -> None:
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    values = bootcheck.parse_report(REPORT)
+    bootcheck.decide(report, values, "console", None, reached_at=31.0, timeout=300)
+    assert report.ok and report.default_target == "graphical.target" and report.failed_units == []
+    assert report.seconds == {"firmware_and_loader": 8.6, "kernel": 3.0, "initrd": 10.4, "userspace": 8.7,
+                              "total": 31.0}
+    assert report.summary().startswith("UP: the system reached graphical.target")
+    json.dumps(report.as_json())
+
+
+def test_failed_units_make_it_fail_and_are_named() -> None:
+    text = REPORT.replace("state running", "state degraded").replace("end\n", "failed foo.service\nend\n")
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    bootcheck.decide(report, bootcheck.parse_report(text), "a\nb\n", None, reached_at=30.0, timeout=300)
+    assert not report.ok and report.failed_units == ["foo.service"]
+    assert report.problem == "the system reached graphical.target but is degraded: 1 unit(s) failed"
+    assert "failed unit: foo.service" in report.summary() and report.console_tail == ["a", "b"]
+
+
+@pytest.mark.parametrize(("console", "cause"), [
+    ("[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs", "the kernel panicked"),
+    ("Entering emergency mode. Exit the shell to continue.", "emergency mode"),
+    ("BdsDxe: failed to load Boot0002: Access Denied", "Secure Boot"),
+    ("Boot failed: not a bootable disk", "nothing to boot"),
+    ("error: file `/container2boot/vmlinuz' not found.", "GRUB could not load the kernel"),
+])
+def test_fatal_console_lines_name_the_cause(console: str, cause: str) -> None:
+    found = bootcheck.fatal_console_line(f"some boot output\n{console}\nmore\n")
+    assert found is not None and cause in found[0]
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    bootcheck.decide(report, {"failed": []}, console, found, reached_at=None, timeout=300)
+    assert not report.ok and cause in report.verdict and report.console_tail
+
+
+def test_no_report_says_why_it_may_be_missing() -> None:
+    assert bootcheck.fatal_console_line("[  OK  ] Reached target basic.target\nWelcome to emergency-free land") \
+        is None
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    bootcheck.decide(report, {"failed": []}, "", None, reached_at=None, timeout=120)
+    assert "within 120 s" in report.verdict and "systemd is older than 256" in report.verdict
+
+
+# What run and test boot ----------------------------------------------------------------------------------------
+
+
+def test_a_build_without_bios_or_signed_loader_is_refused_for_that_firmware(tmp_path: Path) -> None:
+    out = fake_out(tmp_path, {"firmware": ["uefi"], "bootloader": "grub (unsigned)"})
+    with pytest.raises(C2BootError, match="built without --bios"), vm.machine(out, Config(firmware="bios")):
+        pass
+    with pytest.raises(C2BootError, match="unsigned GRUB"), vm.machine(out, Config(firmware="secure-boot")):
+        pass
+    (out / "disk.img").unlink()
+    with pytest.raises(C2BootError, match=r"has no disk\.img"), vm.machine(out, Config()):
+        pass
+    with pytest.raises(C2BootError, match="not found"):
+        vm.locate(tmp_path / "nothing")
+
+
+def test_direct_boot_appends_to_the_built_kernel_arguments(tmp_path: Path) -> None:
+    out = fake_out(tmp_path, {"firmware": ["uefi"], "bootloader": "grub (unsigned)"})
+    with vm.machine(out / "disk.img", Config(direct=True, append="systemd.unit=rescue.target")) as (machine, how, _):
+        assert how == "direct" and machine.disk == out / "disk.img"
+        assert machine.append == f"{LIVE_CMDLINE} systemd.unit=rescue.target"
+        assert machine.kernel == out / "esp" / "container2boot" / "vmlinuz"
+
+
+def test_netboot_arguments_replace_the_disk_root() -> None:
+    args = netboot.netboot_cmdline(LIVE_CMDLINE, "http://10.0.2.2:8080/squashfs.img", "x=1")
+    assert args == ("root=live:http://10.0.2.2:8080/squashfs.img rd.neednet=1 ip=dhcp rd.live.image "
+                    "rd.live.overlay.readonly console=tty0 console=ttyS0,115200 quiet x=1")
+
+
+def test_network_boot_serves_the_root_image_while_the_machine_runs(tmp_path: Path) -> None:
+    out = fake_out(tmp_path, {"firmware": ["uefi"], "bootloader": "grub (unsigned)", "netboot": True}, disk=False)
+    with vm.machine(out, Config(boot_from_network=True)) as (machine, how, _):
+        assert how == "network" and machine.disk is None
+        url = machine.append.split()[0].removeprefix("root=live:")
+        port = url.split(":")[2].split("/")[0]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/squashfs.img") as response:
+            assert response.read() == b"squashfs.img" * 100
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["boot"]["netboot"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(C2BootError, match="without --netboot"), vm.machine(out, Config(boot_from_network=True)):
+        pass
+
+
+def test_serve_prints_the_kernel_arguments_and_serves(tmp_path: Path) -> None:
+    out = fake_out(tmp_path, {"netboot": True}, disk=False)
+    with netboot.serving(out / "esp" / "container2boot", "127.0.0.1", 0) as server:
+        process = subprocess.Popen([*C2BOOT, "serve", str(out), "--port",
+                                    str(server.server_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 1 and "choose another --port" in errors  # the port is taken
+    process = subprocess.Popen([*C2BOOT, "serve", str(out), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        lines = [process.stdout.readline() for _ in range(4)]
+        assert lines[0].startswith("Serving ") and "root=live:http://10.0.2.2:" in lines[3]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+# Formats and checksums -----------------------------------------------------------------------------------------
+
+
+def test_formats_convert_compress_and_checksum(tmp_path: Path) -> None:
+    require_host_tools("qemu-img", "zstd", "xz", "sha256sum")
+    disk = tmp_path / "disk.img"
+    with disk.open("wb") as f:
+        f.truncate(3 * 1024 * 1024 + 512)  # not a whole MiB: the fixed VHD must still take it
+        f.seek(1024 * 1024)
+        f.write(b"container2boot" * 1000)
+    outputs = formats.convert(disk, ["qcow2", "raw", "vhd", "qcow2"])
+    assert [name for name, _ in outputs] == ["raw", "qcow2", "vhd"]
+    subprocess.run(["qemu-img", "check", tmp_path / "disk.qcow2"], check=True, capture_output=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "-f", "vpc", "--output=json", tmp_path / "disk.vhd"],
+                                     check=True, capture_output=True, text=True).stdout)
+    assert info["format"] == "vpc" and info["virtual-size"] >= disk.stat().st_size
+    copies = formats.compress([p for _, p in outputs], "zst")
+    assert [p.name for p in copies] == ["disk.img.zst", "disk.qcow2.zst", "disk.vhd.zst"]
+    restored = subprocess.run(["zstd", "-dc", tmp_path / "disk.img.zst"], check=True, capture_output=True).stdout
+    assert restored == disk.read_bytes()
+    assert formats.compress([disk], "xz")[0].name == "disk.img.xz"
+    from container2boot.manifest import artifacts
+
+    formats.write_checksums(tmp_path, artifacts(tmp_path))
+    subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=tmp_path, check=True)
+
+
+def test_cli_help_teaches_each_verb() -> None:
+    for verb, example in (("run", "--ssh-port 2222"), ("test", "--json"), ("serve", "--address 0.0.0.0"),
+                          ("esp", "sync")):
+        result = c2boot(verb, "--help")
+        assert example in result.stdout, verb
