@@ -167,7 +167,7 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
         accelerator = qemu.accelerator()
         report = BootReport(ok=False, verdict="", boot=boot, firmware=vm.firmware,
                             accelerator=accelerator.split(",")[0], image=image)
-        with qemu.started(vm) as (process, _):
+        with qemu.started(vm) as process:
             start = time.monotonic()
             reached_at: float | None = None
             fatal: tuple[str, str] | None = None

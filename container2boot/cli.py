@@ -243,28 +243,24 @@ def serve(
     c2boot serve out --address 0.0.0.0 --port 8080   # for machines on the local network (PXE/iPXE)
     """
     from container2boot import netboot, vm
+    from container2boot.qemu import GUEST_HOST_ADDRESS
 
     built = vm.locate(target)
     directory = netboot.boot_files(built.out, built.manifest)
-    cmdline = str(built.manifest.get("kernel", {}).get("cmdline", ""))
     with netboot.serving(directory, config.address, config.port) as server:
         port = server.server_port
-        host = netboot.lan_address() if config.address == "0.0.0.0" else config.address
-        qemu_url = f"http://10.0.2.2:{port}"
         print(f"Serving {directory} on http://{config.address}:{port}/ (Ctrl-C stops)\n")
         if config.address not in ("127.0.0.1", "localhost"):
-            print("Kernel arguments for a machine on the network:\n"
-                  f"  {netboot.netboot_cmdline(cmdline, f'http://{host}:{port}/squashfs.img')}\n\n"
-                  "iPXE script:\n"
-                  f"  #!ipxe\n  kernel http://{host}:{port}/vmlinuz "
-                  f"{netboot.netboot_cmdline(cmdline, f'http://{host}:{port}/squashfs.img')}\n"
-                  f"  initrd http://{host}:{port}/initrd.img\n  boot\n")
-        print("Kernel arguments for a QEMU guest on this host (user network):\n"
-              f"  {netboot.netboot_cmdline(cmdline, f'{qemu_url}/squashfs.img')}\n\n"
+            url = f"http://{netboot.lan_address() if config.address == '0.0.0.0' else config.address}:{port}"
+            lan_args = netboot.netboot_cmdline(built.cmdline, f"{url}/squashfs.img")
+            print(f"Kernel arguments for a machine on the network:\n  {lan_args}\n\n"
+                  f"iPXE script:\n  #!ipxe\n  kernel {url}/vmlinuz {lan_args}\n  initrd {url}/initrd.img\n  boot\n")
+        guest_args = netboot.netboot_cmdline(built.cmdline, f"http://{GUEST_HOST_ADDRESS}:{port}/squashfs.img")
+        print(f"Kernel arguments for a QEMU guest on this host (user network):\n  {guest_args}\n\n"
               "QEMU command:\n"
               f"  qemu-system-x86_64 -machine q35 -m 2048 -nographic -nic user,model=virtio-net-pci "
-              f"-kernel {directory / 'vmlinuz'} -initrd {directory / 'initrd.img'} "
-              f"-append '{netboot.netboot_cmdline(cmdline, f'{qemu_url}/squashfs.img')}'\n", flush=True)
+              f"-kernel {directory / 'vmlinuz'} -initrd {directory / 'initrd.img'} -append '{guest_args}'\n",
+              flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:

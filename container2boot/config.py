@@ -190,10 +190,9 @@ class Config:
             raise C2BootError(f"unknown firmware {self.firmware!r}: use one of {', '.join(FIRMWARES)}")
         if unknown := [f for f in self.formats if f not in DISK_FORMATS]:
             raise C2BootError(f"unknown --format {unknown[0]!r}: use one of {', '.join(DISK_FORMATS)}")
-        if self.formats or self.compress or self.test:
-            object.__setattr__(self, "diskimage", True)  # they all need disk.img
+        if self.formats or self.compress or self.test or self.layout == "installed":
+            object.__setattr__(self, "diskimage", True)  # they need disk.img (installed: the root partition)
         if self.layout == "installed":
-            object.__setattr__(self, "diskimage", True)  # the root partition lives in disk.img
             if self.netboot:
                 raise C2BootError("--netboot fetches the live layout's squashfs.img: drop it for --layout installed")
             if self.table == "mbr":

@@ -225,7 +225,7 @@ def open_target(target: Path, mountinfo: str | None = None) -> tuple[Target, str
         if mount.fstype not in FAT_TYPES:
             raise C2BootError(f"{target} is on a {mount.fstype} filesystem ({mount.point}), not a mounted FAT one: "
                               "pass the mount point of the USB stick's FAT partition (e.g. /media/$USER/C2BOOT)")
-        if mount.source in host_esp_sources(mounts) or str(mount.point) in HOST_ESP_MOUNTS:
+        if mount.source in host_esp_sources(mounts):  # the ESP mounted there, or the same device elsewhere
             raise C2BootError(f"{target} is this host's own EFI System Partition ({mount.point}): refusing to "
                               "overwrite its boot loader; pass the USB stick's mount point")
         if not os.access(target, os.W_OK):

@@ -37,16 +37,23 @@ def boot_files(out: Path, manifest: dict[str, Any]) -> Path:
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    quiet = False
+    """Logs each request as progress (`c2boot serve`)."""
 
     def log_message(self, format: str, *args: Any) -> None:
-        (logger.debug if self.quiet else logger.info)("    %s %s", self.address_string(), format % args)
+        logger.info("    %s %s", self.address_string(), format % args)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    """Logs requests only with --verbose (`run`/`test --netboot`, whose terminal shows the guest)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("    %s %s", self.address_string(), format % args)
 
 
 @contextmanager
 def serving(directory: Path, address: str, port: int, quiet: bool = False) -> Iterator[ThreadingHTTPServer]:
     """An HTTP server for `directory` in a background thread; port 0 picks a free one (server.server_port)."""
-    handler = functools.partial(type("Handler", (_Handler,), {"quiet": quiet}), directory=str(directory))
+    handler = functools.partial(_QuietHandler if quiet else _Handler, directory=str(directory))
     try:
         server = ThreadingHTTPServer((address, port), handler)
     except OSError as e:

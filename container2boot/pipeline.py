@@ -7,10 +7,9 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from container2boot import bios, bootcheck, formats, rootpartition
-from container2boot.bootcheck import BootReport
+from container2boot import bios, formats, rootpartition
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
 from container2boot.disk import build_disk, check_disk_size, disk_size_needed, estimate_esp
@@ -24,6 +23,9 @@ from container2boot.rootimage import build_root_image
 from container2boot.run import run
 from container2boot.tree import Tree
 
+if TYPE_CHECKING:  # the boot test runs on the host only, not in the rootbuilder's assemble stage
+    from container2boot.bootcheck import BootReport
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -35,7 +37,7 @@ class BuildResult:
     manifest_path: Path
     manifest: dict[str, Any]
     status: str = "ok"  # or "boot test failed"
-    boot_test: BootReport | None = None  # with --test
+    boot_test: "BootReport | None" = None  # with --test
 
 
 def _result(out: Path) -> BuildResult:
@@ -166,8 +168,9 @@ def inspect_image(source: str) -> Report:
 
 
 def build(config: Config) -> BuildResult:
-    """Build (or take) the machine image with podman and assemble it in the rootbuilder container."""
-    from container2boot import podman  # podman-py is only needed on the host side
+    """Build (or take) the machine image with podman and assemble it in the rootbuilder container; with
+    --test, boot the result."""
+    from container2boot import bootcheck, podman  # host side only
 
     timer = StageTimer()
     with podman.session() as session, staged_output(config.output, config.force) as staging:

@@ -166,14 +166,13 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
 
 
 @contextmanager
-def started(vm: VirtualMachine) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    """QEMU running `vm` in the background, with a scratch directory for its files; stopped on leaving."""
-    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
-        scratch = Path(tmp)
-        process = subprocess.Popen(qemu_command(vm, scratch), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   text=True)
+def started(vm: VirtualMachine) -> Iterator[subprocess.Popen[str]]:
+    """QEMU running `vm` in the background; stopped on leaving."""
+    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as scratch:
+        process = subprocess.Popen(qemu_command(vm, Path(scratch)), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
         try:
-            yield process, scratch
+            yield process
         finally:
             process.terminate()
             try:
@@ -195,7 +194,7 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
         console_log = Path(tmp) / "console.log"
         console_log.touch()
         vm = VirtualMachine(disk, firmware=firmware, snapshot=snapshot, serial=[f"file:{console_log}"])
-        with started(vm) as (process, _):
+        with started(vm) as process:
             start = time.monotonic()
             console = ""
             while time.monotonic() - start < timeout:

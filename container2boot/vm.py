@@ -30,6 +30,11 @@ class Built:
         return self.out if boot == "network" or self.disk is None else self.disk
 
     @property
+    def cmdline(self) -> str:
+        """The kernel arguments the build's boot loader passes (empty without a manifest)."""
+        return str(self.manifest.get("kernel", {}).get("cmdline", ""))
+
+    @property
     def boot(self) -> dict[str, Any]:
         boot: dict[str, Any] = self.manifest.get("boot", {})
         return boot
@@ -78,7 +83,6 @@ def machine(target: Path, config: Config) -> Iterator[tuple[VirtualMachine, str,
     check_firmware(built, config.firmware)
     common: dict[str, Any] = {"firmware": config.firmware, "memory_mib": config.memory_mib, "cpus": config.cpus,
                               "ssh_port": config.ssh_port}
-    cmdline = str(built.manifest.get("kernel", {}).get("cmdline", ""))
     if config.boot_from_network:
         kernel, initrd = _kernel_files(built)
         with netboot.serving(netboot.boot_files(built.out, built.manifest), "127.0.0.1", 0, quiet=True) as server:
@@ -86,17 +90,17 @@ def machine(target: Path, config: Config) -> Iterator[tuple[VirtualMachine, str,
             logger.info("==> Serving %s/esp/%s on 127.0.0.1:%d for the guest", built.out, BOOT_DIR,
                         server.server_port)
             yield (VirtualMachine(None, kernel=kernel, initrd=initrd, append=netboot.netboot_cmdline(
-                cmdline, url, config.append), **common), "network", built)
+                built.cmdline, url, config.append), **common), "network", built)
         return
     if built.disk is None:
         raise C2BootError(f"{built.out} has no disk.img: build with --diskimage, or boot over the network with "
                           "--netboot (a build with --netboot)")
     if config.direct:
-        if not cmdline:
+        if not built.cmdline:
             raise C2BootError(f"{built.out} has no manifest.json with the kernel arguments: --direct needs the "
                               "output directory of `c2boot build`")
         kernel, initrd = _kernel_files(built)
-        yield (VirtualMachine(built.disk, kernel=kernel, initrd=initrd, append=f"{cmdline} {config.append}".strip(),
-                              **common), "direct", built)
+        append = f"{built.cmdline} {config.append}".strip()
+        yield VirtualMachine(built.disk, kernel=kernel, initrd=initrd, append=append, **common), "direct", built
         return
     yield VirtualMachine(built.disk, **common), "disk", built
