@@ -8,13 +8,12 @@ The console (first serial port) is kept for the failure report: kernel panics, e
 
 import dataclasses
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from container2boot import qemu
+from container2boot import lifecycle, qemu
 from container2boot.config import Config
 from container2boot.log import logger
 from container2boot.templates import render
@@ -158,8 +157,8 @@ def test(target: Path, config: Config) -> BootReport:
 
 def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float) -> BootReport:
     """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up."""
-    with tempfile.TemporaryDirectory(prefix="c2boot-test-") as tmp:
-        console_log, report_log = Path(tmp) / "console.log", Path(tmp) / "report.log"
+    with lifecycle.temporary_directory("c2boot-test-") as tmp:
+        console_log, report_log = tmp / "console.log", tmp / "report.log"
         console_log.touch()
         report_log.touch()
         vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"],

@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from container2boot import cmdline
 from container2boot.run import require_tool, run
 from container2boot.templates import render_to
 
@@ -30,6 +31,9 @@ class BootEntry:
     kernel: str  # path on the ESP
     initrd: str
     cmdline: str
+
+    def __post_init__(self) -> None:
+        cmdline.check(self.cmdline, "the kernel command line")
 
 
 @dataclass(frozen=True)

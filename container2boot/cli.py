@@ -5,16 +5,18 @@ import dataclasses
 import inspect
 import json
 import os
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from container2boot import __version__
+from container2boot import __version__, lifecycle
 from container2boot.config import SETTINGS, Command, Config, Setting, load_config_file, make_config
-from container2boot.errors import C2BootError
+from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import logger, setup_logging
 from container2boot.rootfs import Report
 
@@ -27,7 +29,6 @@ app = typer.Typer(
 )
 
 EXIT_ERROR = 1
-EXIT_INTERRUPTED = 130
 
 
 def _annotation(kind: type, repeatable: bool) -> Any:
@@ -73,16 +74,10 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
             config_file = kwargs.pop("config_file")
             values = {s.name: kwargs.pop(s.name) for s in SETTINGS if command in s.commands}
             setup_logging(bool(values.get("verbose")))
-            try:
+            with reported_errors(command):
                 file_values = load_config_file(config_file, command) if config_file else {}
                 config = make_config(values, file_values, source=_source_from_environment())
                 func(config=config, **kwargs)
-            except C2BootError as e:
-                logger.error("c2boot: error: %s", e)
-                raise typer.Exit(EXIT_ERROR) from None
-            except KeyboardInterrupt:
-                logger.error("c2boot: interrupted; nothing was written and temporary containers were removed")
-                raise typer.Exit(EXIT_INTERRUPTED) from None
 
         wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = annotations
@@ -91,6 +86,23 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
         return wrapper
 
     return decorate
+
+
+@contextmanager
+def reported_errors(command: str) -> Iterator[None]:
+    """One command's run: what killed runs left is removed first; an error becomes one line and exit 1; Ctrl-C,
+    SIGTERM and SIGHUP stop it with everything it started removed, and exit 128 + the signal's number."""
+    try:
+        with lifecycle.command(command):
+            yield
+    except C2BootError as e:
+        logger.error("%s%s", ERROR_PREFIX, e)
+        raise typer.Exit(EXIT_ERROR) from None
+    except KeyboardInterrupt as e:
+        stop = e if isinstance(e, lifecycle.Interrupted) else lifecycle.Interrupted(signal.SIGINT)
+        logger.error("c2boot: interrupted by %s; what it had started was stopped and removed, and nothing was "
+                     "written", signal.Signals(stop.signum).name)
+        raise typer.Exit(stop.exit_code) from None
 
 
 def _source_from_environment() -> dict[str, str]:
@@ -298,7 +310,7 @@ def esp_sync(
 def format_report(report: Report, layout: str) -> str:
     """The human-readable `c2boot inspect` report."""
     data = report.as_json(layout)
-    kernels = ", ".join(f"{k['version']}{'' if k['modules'] else ' (no modules)'}" for k in data["kernels"])
+    kernels = ", ".join(f"{k.version}{f' (incomplete: {k.problem})' if k.problem else ''}" for k in report.kernels)
     dracut = data["dracut"]
     rows = [
         ("system", f"{report.name} ({data['family']}, {report.architecture or 'unknown architecture'}, "
@@ -333,7 +345,8 @@ def doctor(
     from container2boot.doctor import run_checks
 
     setup_logging(False)
-    checks = run_checks(output)
+    with reported_errors("doctor"):
+        checks = run_checks(output)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if c.status == "FAIL"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from container2boot import cmdline
 from container2boot.errors import C2BootError
 
 COMPRESSIONS = ("zstd", "xz", "gzip", "lz4", "lzo")
@@ -203,6 +204,8 @@ class Config:
             raise C2BootError("--size and --rootfs-type apply to --layout installed: add --layout installed")
         if self.size is not None:
             parse_size(self.size)
+        cmdline.check(self.cmdline, "--cmdline", reserved=cmdline.ROOM_FOR_DEFAULTS)
+        cmdline.check(self.append, "--append", reserved=cmdline.ROOM_FOR_DEFAULTS)
         if self.table == "mbr" and not self.diskimage:
             raise C2BootError("--table describes disk.img: add --diskimage")
         if self.table == "mbr" and not self.bios:
@@ -224,6 +227,9 @@ class Config:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
             raise C2BootError("--context only applies with --file")
+        if self.secrets and self.image:
+            raise C2BootError("--secret is for building the machine image, and --image takes a built one: drop "
+                              "--secret, or build with --file")
 
     @property
     def size_bytes(self) -> int | None:
@@ -260,9 +266,15 @@ _check_defaults_match()
 def load_config_file(path: Path, command: Command) -> dict[str, Any]:
     """Read a TOML config file whose keys are the long option names (e.g. `base-image = "..."`)."""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise C2BootError(f"config file {path} not found: check the --config path") from None
+    except IsADirectoryError:
+        raise C2BootError(f"config file {path} is a directory: pass a TOML file") from None
+    except UnicodeDecodeError:
+        raise C2BootError(f"config file {path} is not UTF-8 text: pass a TOML file") from None
+    except OSError as e:
+        raise C2BootError(f"config file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise C2BootError(f"config file {path} is not valid TOML: {e}") from None
     by_key = {s.key: s for s in SETTINGS if command in s.commands}
@@ -282,11 +294,11 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
         return tuple(value)
     if setting.kind is bool and not isinstance(value, bool):
         raise C2BootError(f"{where} must be true or false")
-    if setting.kind is Path:
-        return Path(value)
-    if not isinstance(value, setting.kind):
-        raise C2BootError(f"{where} must be a {setting.kind.__name__}")
-    return value
+    expected = str if setting.kind is Path else setting.kind
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        kind = {str: "string (in quotes)", int: "whole number"}.get(expected, expected.__name__)
+        raise C2BootError(f"{where} must be a {kind}, not {value!r}")
+    return Path(str(value)) if setting.kind is Path else value
 
 
 def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | None = None,

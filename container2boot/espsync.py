@@ -9,11 +9,11 @@ import hashlib
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from container2boot import lifecycle
 from container2boot.bootloader import ESP_LABEL
 from container2boot.errors import C2BootError
 from container2boot.log import logger
@@ -191,8 +191,8 @@ class FatImageTarget:
         """mtools shows times to the minute only, so compare the content itself."""
         if name.lower() not in self._existing:
             return False
-        with tempfile.TemporaryDirectory(prefix="c2boot-sync-") as tmp:
-            copy = Path(tmp) / "file"
+        with lifecycle.temporary_directory("c2boot-sync-") as tmp:
+            copy = tmp / "file"
             self._mtools("mcopy", "-n", f"::/{name}", copy)
             return copy.stat().st_size == source.stat().st_size and _sha256(copy) == _sha256(source)
 

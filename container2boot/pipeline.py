@@ -4,24 +4,25 @@
 import dataclasses
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import bios, formats, rootpartition
+from container2boot import bios, formats, lifecycle, rootpartition
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
-from container2boot.disk import build_disk, check_disk_size, disk_size_needed, estimate_esp
+from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import build_initrd
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
-from container2boot.output import MANIFEST, WORK_PREFIX, staged_output
-from container2boot.rootfs import Report, examine, inspect
+from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
+from container2boot.rootfs import Report, RootfsInfo, examine, inspect
 from container2boot.rootimage import build_root_image
 from container2boot.run import run
 from container2boot.tree import Tree
+
+SQUASHFS_RATIO = 0.6  # squashfs.img / the files in it; measured 0.57 for the example with zstd
 
 if TYPE_CHECKING:  # the boot test runs on the host only, not in the rootbuilder's assemble stage
     from container2boot.bootcheck import BootReport
@@ -60,11 +61,10 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                           "(e.g. from `podman export`)")
     # The work directory sits beside the staged outputs, not in /tmp: an unpacked rootfs may not fit a tmpfs, and
     # systemd-repart never copies files from under /tmp or /var/tmp (its denylist) into a partition.
-    with tempfile.TemporaryDirectory(prefix=WORK_PREFIX, dir=staging.parent) as tmp:
-        scratch = Path(tmp)
+    with lifecycle.temporary_directory(WORK_PREFIX, staging.parent) as scratch:
         root = rootfs
         if not rootfs.is_dir():
-            with timer.stage("unpack", f"Unpacking {rootfs}"):
+            with timer.stage("unpack", f"Unpacking {rootfs}"), space_explained(staging, None):
                 root = unpack_rootfs_tar(rootfs, scratch / "rootfs")
         installed = config.layout == "installed"
         if installed:
@@ -76,47 +76,69 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         if root_partition is not None:
             check_disk_size(config.size_bytes,
                             disk_size_needed(estimate_esp(info.kernel_image.stat().st_size), root_partition))
-        boot_dir = staging / "esp" / BOOT_DIR
-        boot_dir.mkdir(parents=True)
-        entry = BootEntry(
-            title=f"{info.pretty_name} (container2boot {config.layout})",
-            kernel=f"/{BOOT_DIR}/vmlinuz",
-            initrd=f"/{BOOT_DIR}/initrd.img",
-            cmdline=(live_cmdline(config.cmdline) if root_partition is None else
-                     installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
-        )
-        shutil.copyfile(info.kernel_image, boot_dir / "vmlinuz")
-        with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
-                         f"initrd with the image's dracut (kernel {info.kernel_version})"):
-            build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
-                         root_partition.fstype if root_partition else None, config.netboot)
-        if root_partition is None:
-            with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
-                build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
-        firmware = ["uefi", "bios"] if config.bios else ["uefi"]
-        with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
-            loaders = [install_bootloader(staging / "esp", entry, root, scratch)]
+        need = output_bytes(info.size_bytes, config)
+        check_space(staging, need)
+        with space_explained(staging, need):
+            make_outputs(rootfs, root, info, root_partition, staging, scratch, config, timer)
+
+
+def make_outputs(rootfs: Path, root: Path, info: RootfsInfo, root_partition: rootpartition.RootPartition | None,
+                 staging: Path, scratch: Path, config: Config, timer: StageTimer) -> None:
+    """The slow part of assemble_into: initrd, root image, boot loaders, disk, formats, checksums, manifest."""
+    installed = root_partition is not None
+    boot_dir = staging / "esp" / BOOT_DIR
+    boot_dir.mkdir(parents=True)
+    entry = BootEntry(
+        title=f"{info.pretty_name} (container2boot {config.layout})",
+        kernel=f"/{BOOT_DIR}/vmlinuz",
+        initrd=f"/{BOOT_DIR}/initrd.img",
+        cmdline=(live_cmdline(config.cmdline) if root_partition is None else
+                 installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
+    )
+    shutil.copyfile(info.kernel_image, boot_dir / "vmlinuz")
+    with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
+                     f"initrd with the image's dracut (kernel {info.kernel_version})"):
+        build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
+                     root_partition.fstype if root_partition else None, config.netboot)
+    if root_partition is None:
+        with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
+            build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
+    firmware = ["uefi", "bios"] if config.bios else ["uefi"]
+    with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
+        loaders = [install_bootloader(staging / "esp", entry, root, scratch)]
+        if config.bios:
+            loaders.append(bios.install_files(staging / "esp", entry))
+    if config.diskimage:
+        what = f"{config.table.upper()}" + (f", {config.rootfs_type} root partition" if installed else "")
+        with timer.stage("disk", f"Assembling disk.img ({what}) with systemd-repart"):
+            build_disk(staging / "esp", staging / "disk.img", scratch, table=config.table, root=root_partition,
+                       size=config.size_bytes)
             if config.bios:
-                loaders.append(bios.install_files(staging / "esp", entry))
-        if config.diskimage:
-            what = f"{config.table.upper()}" + (f", {config.rootfs_type} root partition" if installed else "")
-            with timer.stage("disk", f"Assembling disk.img ({what}) with systemd-repart"):
-                build_disk(staging / "esp", staging / "disk.img", scratch, table=config.table, root=root_partition,
-                           size=config.size_bytes)
-                if config.bios:
-                    bios.install_boot_code(staging / "disk.img")
-        disk_images = make_disk_formats(staging, config, timer) if config.diskimage else []
-        with timer.stage("checksums", "Writing SHA256SUMS and manifest.json"):
-            files = artifacts(staging)
-            checksums = formats.write_checksums(staging, files)
-            files.append({"path": checksums.name, "size": checksums.stat().st_size, "sha256": sha256(checksums)})
-        manifest = build_manifest(info=info, source=dict(config.source), cmdline=entry.cmdline,
-                                  boot={"firmware": firmware, "bootloader": " + ".join(loaders),
-                                        "partition_table": config.table if config.diskimage else None,
-                                        "layout": config.layout, "root": root_description(config, root_partition),
-                                        "netboot": config.netboot},
-                                  disk_images=disk_images, files=files, timings=timer.seconds)
-        write_manifest(staging, manifest)
+                bios.install_boot_code(staging / "disk.img")
+    disk_images = make_disk_formats(staging, config, timer) if config.diskimage else []
+    with timer.stage("checksums", "Writing SHA256SUMS and manifest.json"):
+        files = artifacts(staging)
+        checksums = formats.write_checksums(staging, files)
+        files.append({"path": checksums.name, "size": checksums.stat().st_size, "sha256": sha256(checksums)})
+    manifest = build_manifest(info=info, source=dict(config.source), cmdline=entry.cmdline,
+                              boot={"firmware": firmware, "bootloader": " + ".join(loaders),
+                                    "partition_table": config.table if config.diskimage else None,
+                                    "layout": config.layout, "root": root_description(config, root_partition),
+                                    "netboot": config.netboot},
+                              disk_images=disk_images, files=files, timings=timer.seconds)
+    write_manifest(staging, manifest)
+
+
+def output_bytes(image_bytes: int, config: Config) -> int:
+    """About how much space the outputs take, for the space check before the slow steps: the root image (about
+    60 % of the files, compressed) or the root partition's files, the kernel and initrd, disk.img holding the ESP
+    again, and each converted or compressed copy of the disk at most its size again."""
+    esp = (int(image_bytes * SQUASHFS_RATIO) if config.layout == "live" else 0) + INITRD_ALLOWANCE
+    if not config.diskimage:
+        return esp
+    disk = esp + (image_bytes if config.layout == "installed" else 0)
+    copies = len([f for f in dict.fromkeys(config.formats) if f != "raw"])
+    return esp + disk * (1 + copies) * (2 if config.compress else 1)
 
 
 def make_disk_formats(staging: Path, config: Config, timer: StageTimer) -> list[dict[str, str]]:
@@ -161,6 +183,8 @@ def inspect_image(source: str) -> Report:
         except tarfile.TarError as e:
             raise C2BootError(f"{source} is not a tar of a root filesystem ({e}): pass a directory, a tar "
                               "(e.g. from `podman export`) or an image reference") from None
+    if source.startswith(("/", "./", "../")):
+        raise C2BootError(f"{source} not found: pass an existing rootfs directory or tar, or an image reference")
     from container2boot import podman  # podman-py is only needed on the host side
 
     with podman.session() as session:
@@ -173,16 +197,21 @@ def build(config: Config) -> BuildResult:
     from container2boot import bootcheck, podman  # host side only
 
     timer = StageTimer()
-    with podman.session() as session, staged_output(config.output, config.force) as staging:
+    if not config.image:
+        podman.build_inputs(config)  # a wrong --file, --context or --secret fails before anything starts
+    with staged_output(config.output, config.force) as staging, podman.session() as session:
         image = session.machine_image(config, timer)
         with timer.stage("check", f"Checking that {image.reference} can boot"):
             report = session.examine(image.image_id)
         report.check(config.layout, config.netboot)  # before the slow steps: rootbuilder, initrd, root image
         logger.info("    %s, kernel %s", report.name, report.kernel.version if report.kernel else "?")
-        with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
-            rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
-        with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
-            session.assemble(rootbuilder, image, staging, config)
+        need = output_bytes(report.size_bytes, config)
+        check_space(staging, need)
+        with space_explained(staging, need):
+            with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
+                rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
+            with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
+                session.assemble(rootbuilder, image, staging, config)
         manifest = read_manifest(staging)
         manifest["timings_seconds"] = {**timer.seconds, "assemble_stages": manifest["timings_seconds"]}
         write_manifest(staging, manifest)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -23,8 +24,9 @@ from typing import Any
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
+from container2boot import lifecycle
 from container2boot.config import Config, command_line
-from container2boot.errors import C2BootError
+from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import StageTimer, logger
 from container2boot.rootfs import Report, examine
 from container2boot.run import check_version, require_tool
@@ -34,6 +36,7 @@ ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
 CUSTOM_MACHINE_TAG = "localhost/container2boot/custom:latest"
 SERVICE_START_SECONDS = 30
+GO_STRUCT = re.compile(r"\s*&[\w.]+\{.*$")  # e.g. ' &imagebuilder.Step{Env:[]string{...}, ...}'
 CONTEXT_IGNORE = ("__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache", ".ruff_cache")
 DEMO_USER = "demo"
 
@@ -81,6 +84,22 @@ def parse_secret(spec: str) -> tuple[str, Path]:
     return fields["id"], src
 
 
+def build_inputs(config: Config) -> tuple[Path, Path]:
+    """The Containerfile and build context of the machine image, checked (with the --secret's) before anything
+    starts; without --file, the bundled example's."""
+    if config.containerfile is None:
+        return containerfiles() / "Containerfile.machine", containerfiles()
+    if not config.containerfile.is_file():
+        raise C2BootError(f"Containerfile {config.containerfile} not found: check the --file path")
+    context = config.context or config.containerfile.parent
+    if not context.is_dir():
+        raise C2BootError(f"build context {context} is not a directory: pass the directory that the Containerfile's "
+                          "COPY and ADD read from")
+    for spec in config.secrets:
+        parse_secret(spec)
+    return config.containerfile, context
+
+
 def debian_suite(reference: str) -> str | None:
     """'docker.io/library/debian:trixie' -> 'trixie': the bases we can bootstrap with mmdebstrap."""
     name, _, tag = reference.rpartition(":")
@@ -106,6 +125,12 @@ def context_tar(context: Path, containerfile: Path, dest: Path, extra: Mapping[s
         for arcname, path in extra.items():
             tar.add(path, arcname=arcname)
     return name
+
+
+def build_error(error: str) -> str:
+    """podman's build error on one line, without the Go data structures it appends to some of them."""
+    text = GO_STRUCT.sub("", " ".join(error.split()))
+    return text.replace("Build error: ", "")
 
 
 def _containerignore(context: Path) -> list[str]:
@@ -176,6 +201,9 @@ class Session:
             try:
                 response = self.client.api.post("/images/import", params={"reference": reference},
                                                 data=process.stdout, headers={"Content-type": "application/x-tar"})
+            except BaseException:
+                process.kill()  # interrupted: do not wait for a bootstrap nobody reads any more
+                raise
             finally:
                 assert process.stdout is not None
                 process.stdout.close()
@@ -199,31 +227,33 @@ class Session:
         }
         before = external_containers()
         last: list[str] = []
-        try:
-            with tar_path.open("rb") as body:
-                response = self.client.api.post("/build", params=params, data=body, stream=True,
-                                                headers={"Content-type": "application/x-tar"})
-                if response.status_code >= 400:
-                    answer = json.loads(response.text or "{}").get("message", response.text)
-                    raise C2BootError(f"podman refused to build {tag}: {answer}")
-                for raw in response.iter_lines():
-                    message = json.loads(raw)
-                    if "error" in message:
-                        raise C2BootError(f"building {tag} failed: {message['error'].strip()} "
-                                          f"(last output: {' | '.join(last[-3:])})")
-                    for line in message.get("stream", "").splitlines():
-                        if line.startswith("STEP "):
-                            logger.info("    %s", line[:140])
-                        elif line.strip():
-                            logger.debug("    %s", line)
-                            last.append(line.strip())
-            if self.image(tag) is None:
-                raise C2BootError(f"building {tag} produced no image (last output: {' | '.join(last[-3:])})")
-        except BaseException:
-            self._remove_new_external_containers(before)
-            raise
-        finally:
-            tar_path.unlink(missing_ok=True)
+        with lifecycle.current().building():  # a killed build's working container is found by its time
+            try:
+                with tar_path.open("rb") as body:
+                    response = self.client.api.post("/build", params=params, data=body, stream=True,
+                                                    headers={"Content-type": "application/x-tar"})
+                    if response.status_code >= 400:
+                        answer = json.loads(response.text or "{}").get("message", response.text)
+                        raise C2BootError(f"podman refused to build {tag}: {answer}")
+                    for raw in response.iter_lines():
+                        message = json.loads(raw)
+                        if "error" in message:
+                            for line in last[-10:]:
+                                logger.debug("    podman build: %s", line)
+                            raise C2BootError(f"building {tag} failed: {build_error(message['error'])}")
+                        for line in message.get("stream", "").splitlines():
+                            if line.startswith("STEP "):
+                                logger.info("    %s", line[:140])
+                            elif line.strip():
+                                logger.debug("    %s", line)
+                                last.append(line.strip())
+                if self.image(tag) is None:
+                    raise C2BootError(f"building {tag} produced no image (last output: {(last or ['none'])[-1]})")
+            except BaseException:
+                self._remove_new_external_containers(before)
+                raise
+            finally:
+                tar_path.unlink(missing_ok=True)
 
     def _remove_new_external_containers(self, before: set[str]) -> None:
         for container in external_containers() - before:
@@ -253,11 +283,7 @@ class Session:
                                   "name with `podman images`, or build it first")
             return found
         example = config.containerfile is None
-        containerfile = containerfiles() / "Containerfile.machine" if example else config.containerfile
-        assert containerfile is not None
-        if not containerfile.is_file():
-            raise C2BootError(f"Containerfile {containerfile} not found: check the --file path")
-        context = config.context or containerfile.parent
+        containerfile, context = build_inputs(config)
         tag = EXAMPLE_MACHINE_TAG if example else CUSTOM_MACHINE_TAG
         build_secrets = list(config.secrets)
         with timer.stage("machine", f"Building the machine image {tag} from {containerfile}"):
@@ -288,8 +314,8 @@ class Session:
         except ImageNotFound:
             raise C2BootError(f"image {reference} not found: check the name with `podman images`, or pass a "
                               "directory or a tar of a root filesystem") from None
-        container = self.client.containers.create(image.id, command=["true"],
-                                                  labels={"io.container2boot.role": "inspect"})
+        labels = {"io.container2boot.role": "inspect", **lifecycle.current().container_labels()}
+        container = self.client.containers.create(image.id, command=["true"], labels=labels)
         try:
             tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export()), 1024 * 1024))
         finally:
@@ -302,31 +328,36 @@ class Session:
     def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config) -> None:
         """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs."""
         args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
-        container = self.client.containers.create(
-            rootbuilder,
-            command=args,
-            image_volumes=[{"source": image.image_id, "destination": "/rootfs", "rw": False}],
-            mounts=[{"type": "bind", "source": str(staging), "target": "/out"}],
-            environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
-                         "C2BOOT_SOURCE_ID": image.image_id},
-            labels={"io.container2boot.role": "assemble"},
-        )
-        last_line = ""
+        try:  # an HTTP error is an OSError too: it must not pass for a failed write
+            container = self.client.containers.create(
+                rootbuilder,
+                command=args,
+                image_volumes=[{"source": image.image_id, "destination": "/rootfs", "rw": False}],
+                mounts=[{"type": "bind", "source": str(staging), "target": "/out"}],
+                environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
+                             "C2BOOT_SOURCE_ID": image.image_id},
+                labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
+            )
+        except APIError as e:
+            raise C2BootError(f"podman cannot use {staging.parent} for the outputs ({_api_reason(e)}): choose an "
+                              "--output on a local filesystem that podman can see") from None
+        error = ""
         try:
             try:
                 container.start()
                 for chunk in container.logs(stream=True, follow=True):
                     for line in chunk.decode(errors="replace").splitlines():
-                        logger.info("%s", line)
-                        last_line = line or last_line
+                        if line.startswith(ERROR_PREFIX):
+                            error = line.removeprefix(ERROR_PREFIX)  # the host reports it, once
+                        elif line.strip():
+                            logger.info("%s", line)
                 status = container.wait()
-            except APIError as e:  # an HTTP error is an OSError too: it must not pass for a failed write
-                raise C2BootError(f"podman could not run the rootbuilder container: {e.explanation or e} "
+            except APIError as e:
+                raise C2BootError(f"podman could not run the rootbuilder container: {_api_reason(e)} "
                                   "(`c2boot doctor` checks podman on this host)") from None
             code = status if isinstance(status, int) else status.get("StatusCode", 1)
             if code != 0:
-                detail = last_line.removeprefix("c2boot: error: ")
-                raise C2BootError(detail or f"the assemble container exited with status {code}")
+                raise C2BootError(error or f"the assemble container exited with status {code}")
         finally:
             remove_container(container)
 
@@ -336,8 +367,14 @@ def remove_container(container: Any) -> None:
     that would hide the first one."""
     try:
         container.remove(force=True)
+        lifecycle.current().container_removed()
     except (APIError, PodmanError) as e:
         logger.warning("could not remove container %s: %s", container.id[:12], e)
+
+
+def _api_reason(error: APIError) -> str:
+    """podman's own explanation, without the HTTP status line that requests puts in front of it."""
+    return str(error.explanation or error).strip().splitlines()[0][:300]
 
 
 class ChunkReader(io.RawIOBase):
@@ -378,12 +415,13 @@ def api_service() -> Iterator[PodmanClient]:
         except (APIError, PodmanError, OSError) as e:
             logger.debug("no podman API at %s: %s", url, e)
         client.close()  # type: ignore[no-untyped-call]
-    with tempfile.TemporaryDirectory(prefix="c2boot-podman-") as tmp:
-        socket = Path(tmp) / "podman.sock"
-        log = (Path(tmp) / "service.log").open("w+")
+    with lifecycle.temporary_directory("c2boot-podman-") as tmp:
+        socket = tmp / "podman.sock"
+        log = (tmp / "service.log").open("w+")
         logger.debug("$ podman system service --time=0 unix://%s", socket)
-        service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{socket}"],
-                                   stdout=log, stderr=log, start_new_session=True)
+        # Its own session: a Ctrl-C meant for c2boot must not stop the service before c2boot's cleanup used it.
+        service = lifecycle.start_process(["podman", "system", "service", "--time=0", f"unix://{socket}"],
+                                          stdout=log, stderr=log, start_new_session=True)
         client = PodmanClient(base_url=f"unix://{socket}")
         try:
             deadline = time.monotonic() + SERVICE_START_SECONDS
@@ -396,11 +434,7 @@ def api_service() -> Iterator[PodmanClient]:
             yield client
         finally:
             client.close()  # type: ignore[no-untyped-call]
-            service.terminate()
-            try:
-                service.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                service.kill()
+            lifecycle.stop_process(service)
             log.close()
 
 
@@ -418,5 +452,5 @@ def session() -> Iterator[Session]:
     check_version("podman")
     if os.geteuid() != 0:
         check_subordinate_ids(getpass.getuser(), os.geteuid())
-    with api_service() as client, tempfile.TemporaryDirectory(prefix="c2boot-build-") as scratch:
-        yield Session(client, Path(scratch))
+    with api_service() as client, lifecycle.temporary_directory("c2boot-build-") as scratch:
+        yield Session(client, scratch)

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from container2boot import lifecycle
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.run import require_tool
@@ -68,11 +68,11 @@ def kvm_usable() -> tuple[bool, str]:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible to this user: add the user to the kvm group"
     code, _ = find_ovmf()
-    with tempfile.TemporaryDirectory(prefix="c2boot-kvm-") as tmp:
-        serial, stderr = Path(tmp) / "serial.log", Path(tmp) / "stderr.log"
+    with lifecycle.temporary_directory("c2boot-kvm-") as tmp:
+        serial, stderr = tmp / "serial.log", tmp / "stderr.log"
         serial.touch()
         with stderr.open("w") as errors_file:
-            process = subprocess.Popen(
+            process = lifecycle.start_process(
                 [require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", "kvm", "-m", "256", "-nodefaults",
                  "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
                  "-drive", f"if=pflash,format=raw,readonly=on,file={code}"],
@@ -84,8 +84,7 @@ def kvm_usable() -> tuple[bool, str]:
                 time.sleep(0.2)
             booted = serial.stat().st_size > 0
         finally:
-            process.terminate()
-            process.wait(timeout=10)
+            lifecycle.stop_process(process)
         errors = stderr.read_text(errors="replace")
     failure = next((line for line in errors.splitlines() if any(f in line for f in KVM_FAILURES)), None)
     if failure or not booted:
@@ -131,6 +130,37 @@ def disk_format(disk: Path) -> str:
     return DISK_FORMATS.get(disk.suffix, "raw")
 
 
+# Where each format says what it is: (offset from the start, or from the end when negative; the bytes there).
+DISK_MAGIC: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "raw": ((510, b"\x55\xaa"),),  # a partition table's (MBR or GPT's protective MBR) boot signature
+    "qcow2": ((0, b"QFI\xfb"),),
+    "vmdk": ((0, b"KDMV"), (0, b"# Disk DescriptorFile")),
+    "vdi": ((64, b"\x7f\x10\xda\xbe"),),
+    "vhdx": ((0, b"vhdxfile"),),
+    "vpc": ((-512, b"conectix"), (0, b"conectix")),
+}
+
+
+def check_disk_image(disk: Path) -> None:
+    """Refuse a file that is not a bootable disk in the format its name says, before QEMU sits in the firmware's
+    boot menu forever."""
+    kind = disk_format(disk)
+    try:
+        with disk.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            found = []
+            for offset, magic in DISK_MAGIC[kind]:
+                start = offset if offset >= 0 else size + offset
+                f.seek(max(start, 0))
+                found.append(start >= 0 and f.read(len(magic)) == magic)
+    except OSError as e:
+        raise C2BootError(f"cannot read {disk}: {e.strerror}") from None
+    if not any(found):
+        what = "a disk with a partition table" if kind == "raw" else f"a {kind} disk image"
+        raise C2BootError(f"{disk} is not {what}: pass the output directory of `c2boot build` or one of its disk "
+                          "images (disk.img, disk.qcow2, ...)")
+
+
 def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
     """The QEMU command line for `vm`; `scratch` receives the writable copy of the UEFI variables."""
     machine = "q35,smm=on" if vm.firmware == "secure-boot" else "q35"
@@ -168,17 +198,13 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
 @contextmanager
 def started(vm: VirtualMachine) -> Iterator[subprocess.Popen[str]]:
     """QEMU running `vm` in the background; stopped on leaving."""
-    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as scratch:
-        process = subprocess.Popen(qemu_command(vm, Path(scratch)), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+    with lifecycle.temporary_directory("c2boot-qemu-") as scratch:
+        process = lifecycle.start_process(qemu_command(vm, scratch), stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True)
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            lifecycle.stop_process(process)
 
 
 def read_console(path: Path) -> str:
@@ -190,8 +216,8 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
     """Boot `disk` until the console shows a line matching `pattern` (regex), or `timeout` seconds pass.
     With `snapshot` False the guest writes to `disk` (QEMU is stopped like a power cut, after a match)."""
     wanted = re.compile(pattern, re.MULTILINE)
-    with tempfile.TemporaryDirectory(prefix="c2boot-console-") as tmp:
-        console_log = Path(tmp) / "console.log"
+    with lifecycle.temporary_directory("c2boot-console-") as tmp:
+        console_log = tmp / "console.log"
         console_log.touch()
         vm = VirtualMachine(disk, firmware=firmware, snapshot=snapshot, serial=[f"file:{console_log}"])
         with started(vm) as process:
@@ -210,5 +236,9 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
 
 def run_interactive(vm: VirtualMachine) -> int:
     """Boot `vm` with its serial console on this terminal until the guest powers off or the user quits."""
-    with tempfile.TemporaryDirectory(prefix="c2boot-qemu-") as tmp:
-        return subprocess.run(qemu_command(vm, Path(tmp)), check=False).returncode
+    with lifecycle.temporary_directory("c2boot-qemu-") as tmp:
+        process = lifecycle.start_process(qemu_command(vm, tmp))
+        try:
+            return process.wait()
+        finally:
+            lifecycle.stop_process(process)

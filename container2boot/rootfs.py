@@ -28,7 +28,7 @@ PACKAGES: dict[str, dict[str, str]] = {
              "arch": "systemd", "alpine": "openrc"},
 }
 PROBLEMS = {  # "IMAGE has ..."
-    "kernel": "no kernel (no vmlinuz beside /usr/lib/modules/*, or no modules for it)",
+    "kernel": "no kernel (a vmlinuz with its modules in /usr/lib/modules/VERSION)",
     "dracut": "no dracut, which builds the initrd",
     "dmsquash-live": "dracut but not its dmsquash-live module, which boots the live root image",
     "init": "no init system (/sbin/init)",
@@ -43,8 +43,19 @@ SELINUX_TYPE = re.compile(r"^SELINUXTYPE=(\S+)", re.MULTILINE)
 @dataclass(frozen=True)
 class Kernel:
     version: str
-    image: str  # the vmlinuz file's path inside the rootfs
+    image: str | None  # the vmlinuz file's path inside the rootfs; None: there is none for these modules
     has_modules: bool
+
+    @property
+    def complete(self) -> bool:
+        """Only a kernel image with its modules can boot: the initrd needs the modules of exactly that kernel."""
+        return self.image is not None and self.has_modules
+
+    @property
+    def problem(self) -> str | None:
+        if self.image is None:
+            return "no vmlinuz"
+        return None if self.has_modules else "no modules"
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,8 @@ class Report:
 
     @property
     def kernel(self) -> Kernel | None:
-        return next((k for k in self.kernels if k.has_modules), None)
+        """The kernel a build boots: the newest complete one."""
+        return next((k for k in self.kernels if k.complete), None)
 
     @property
     def bootc(self) -> bool:
@@ -130,8 +142,8 @@ class Report:
             "os_release": self.os_release,
             "family": FAMILIES.get(self.family, self.family),
             "architecture": self.architecture,
-            "kernels": [{"version": k.version, "image": "/" + k.image, "modules": k.has_modules}
-                        for k in self.kernels],
+            "kernels": [{"version": k.version, "image": k.image and "/" + k.image, "modules": k.has_modules,
+                         "complete": k.complete, "chosen": k == self.kernel} for k in self.kernels],
             "init": self.init,
             "dracut": {"version": self.dracut_version, "live_modules": sorted(
                 m for m in self.dracut_modules if m in ("dmsquash-live", "livenet", "overlayfs"))},
@@ -158,6 +170,7 @@ class RootfsInfo:
     kernel_image: Path  # the real file
     dracut_modules: frozenset[str]
     dracut_version: str | None
+    size_bytes: int  # of its files
 
     @property
     def pretty_name(self) -> str:
@@ -182,18 +195,29 @@ def parse_os_release(text: str) -> dict[str, str]:
     return values
 
 
+def is_kernel_image(tree: Tree, path: str) -> bool:
+    """A Linux kernel file: x86's boot protocol magic where the header was read; else any non-empty file (other
+    architectures, or a tree whose headers were not captured)."""
+    entry = tree.entry(path)
+    if entry is None or entry.kind != "file" or entry.size == 0:
+        return False
+    header = tree.read(path)
+    return header is None or len(header) < 0x206 or header[0x202:0x206] == b"HdrS" or header[:2] == b"MZ"
+
+
 def find_kernels(tree: Tree) -> list[Kernel]:
-    """Kernel images (Fedora: in the modules directory, Debian: /boot/vmlinuz-VERSION), newest first."""
+    """Every kernel version the image has a trace of (Fedora: vmlinuz in the modules directory, Debian:
+    /boot/vmlinuz-VERSION), newest first; only those with both an image and modules are complete."""
     kernels: dict[str, Kernel] = {}
     for version in tree.listdir("usr/lib/modules"):
         moddir = f"usr/lib/modules/{version}"
-        image = next((i for i in (f"{moddir}/vmlinuz", f"boot/vmlinuz-{version}") if tree.is_file(i)), None)
-        if image is not None:
-            modules = tree.is_file(f"{moddir}/modules.dep") or tree.is_dir(f"{moddir}/kernel")
-            kernels[version] = Kernel(version, tree.resolve(image) or image, modules)
+        image = next((i for i in (f"{moddir}/vmlinuz", f"boot/vmlinuz-{version}") if is_kernel_image(tree, i)),
+                     None)
+        modules = tree.is_file(f"{moddir}/modules.dep") or tree.is_dir(f"{moddir}/kernel")
+        kernels[version] = Kernel(version, image and (tree.resolve(image) or image), modules)
     for name in tree.listdir("boot"):
         version = name.removeprefix("vmlinuz-")
-        if name.startswith("vmlinuz-") and version not in kernels and tree.is_file(f"boot/{name}"):
+        if name.startswith("vmlinuz-") and version not in kernels and is_kernel_image(tree, f"boot/{name}"):
             kernels[version] = Kernel(version, f"boot/{name}", False)
     return sorted(kernels.values(), key=lambda k: version_key(k.version), reverse=True)
 
@@ -265,6 +289,6 @@ def inspect(root: Path, live: bool = True, netboot: bool = False) -> RootfsInfo:
     report = examine(tree)
     report.check("live" if live else "installed", netboot)
     kernel = report.kernel
-    assert kernel is not None
+    assert kernel is not None and kernel.image is not None
     return RootfsInfo(root, report.os_release, kernel.version, tree.real_path(kernel.image), report.dracut_modules,
-                      report.dracut_version)
+                      report.dracut_version, report.size_bytes)

@@ -43,7 +43,7 @@ PACKAGES: Mapping[str, str] = {
     "mdir": "mtools",
 }
 
-ERROR_TAIL_LINES = 8
+ERROR_TAIL_LINES = 20  # shown with --verbose when a tool fails
 
 
 def require_tool(name: str) -> str:
@@ -117,11 +117,12 @@ def run_pipe(producer: Sequence[str | Path], consumer: Sequence[str | Path]) -> 
 
 
 def failure_message(tool: str, returncode: int, output: str) -> str:
-    """'TOOL failed (exit N): last lines' on one line, so that it fits the one-line error promise."""
+    """'TOOL failed (exit N): its last line', the one-line error; its last lines are shown with --verbose."""
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
-    tail = " | ".join(lines[-ERROR_TAIL_LINES:]) or "no output"
+    for line in lines[-ERROR_TAIL_LINES:]:
+        logger.debug("    %s: %s", tool, line)
     hint = ": free some space, then try again" if "No space left on device" in output else ""
-    return f"{tool} failed (exit {returncode}): {tail}{hint}"
+    return f"{tool} failed (exit {returncode}): {(lines or ['no output'])[-1][:300]}{hint}"
 
 
 def parse_version(text: str) -> tuple[int, ...]:

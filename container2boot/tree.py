@@ -7,6 +7,7 @@ merged-/usr images (/lib -> usr/lib) and /etc/os-release -> ../usr/lib/os-releas
 
 import os
 import posixpath
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ CONTENT_FILES = frozenset({
     "etc/os-release", "usr/lib/os-release", "usr/lib/dracut/dracut-version.sh", "etc/selinux/config",
 })
 HEADER_DIRS = ("usr/bin/", "bin/", "usr/lib/systemd/")  # the init and shell, for the architecture
+KERNEL_IMAGE = re.compile(r"boot/vmlinuz-[^/]+|(usr/)?lib/modules/[^/]+/vmlinuz")
+KERNEL_HEADER_BYTES = 0x210  # through the x86 boot protocol's "HdrS" magic
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,12 @@ def _entry(mode: int, size: int, target: str) -> Entry:
 
 
 def _wanted_bytes(path: str) -> int:
-    """How much of a file to keep: all of the small config files, the header of binaries, nothing else."""
+    """How much of a file to keep: all of the small config files, the header of binaries and kernels, nothing
+    else."""
     if path in CONTENT_FILES:
         return 1024 * 1024
     if path.startswith(HEADER_DIRS):
         return HEADER_BYTES
+    if KERNEL_IMAGE.fullmatch(path):
+        return KERNEL_HEADER_BYTES
     return 0

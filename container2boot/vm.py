@@ -14,7 +14,7 @@ from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.output import MANIFEST
-from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine
+from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine, check_disk_image
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def locate(target: Path) -> Built:
     if target.is_dir():
         out, disk = target, (target / "disk.img" if (target / "disk.img").is_file() else None)
     elif target.is_file():
+        check_disk_image(target)
         out, disk = target.parent, target
     else:
         raise C2BootError(f"{target} not found: pass the output directory of `c2boot build` or a disk image")

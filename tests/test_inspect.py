@@ -30,7 +30,8 @@ def test_bootable_directory_report(tmp_path: Path) -> None:
     data = report.as_json()
     assert data["bootable"] and data["missing"] == [] and data["family"] == "Debian/Ubuntu"
     assert data["architecture"] == "x86_64" and data["init"] == "systemd"
-    assert data["kernels"] == [{"version": "6.12.1-amd64", "image": "/boot/vmlinuz-6.12.1-amd64", "modules": True}]
+    assert data["kernels"] == [{"version": "6.12.1-amd64", "image": "/boot/vmlinuz-6.12.1-amd64", "modules": True,
+                                "complete": True, "chosen": True}]
     assert data["dracut"]["live_modules"] == ["dmsquash-live"]
     assert report.verdict() == "Test debian can boot (live layout) as it is"
 
@@ -62,7 +63,7 @@ def test_missing_parts_are_named_per_family(tmp_path: Path, os_release: str, pac
     root = make_rootfs(tmp_path / "root", kernels=(), dracut=False)
     (root / "usr/lib/os-release").write_text(os_release + '\nPRETTY_NAME="Some OS"\n')
     verdict = examine(Tree.from_directory(root)).verdict()
-    assert verdict == f"Some OS has no kernel (no vmlinuz beside /usr/lib/modules/*, or no modules for it); no " \
+    assert verdict == f"Some OS has no kernel (a vmlinuz with its modules in /usr/lib/modules/VERSION); no " \
         f"dracut, which builds the initrd: add {packages} to the image (e.g. in its Containerfile)"
 
 

@@ -56,10 +56,23 @@ def test_fedora_layout_kernel_in_modules_dir(tmp_path: Path) -> None:
     assert find_kernels(Tree.from_directory(root))[0].image == "usr/lib/modules/6.11.4-301.fc41.x86_64/vmlinuz"
 
 
-def test_modules_without_kernel_image_are_ignored(tmp_path: Path) -> None:
+def test_only_a_kernel_with_image_and_modules_is_chosen(tmp_path: Path) -> None:
+    """Issue 16: an extra /usr/lib/modules/9.99.0-fake (no vmlinuz) was listed first and chosen. Incomplete
+    kernels are listed as such and never chosen: modules without an image, an image without modules, an empty
+    vmlinuz, a file that is not a kernel."""
     root = make_rootfs(tmp_path, kernels=("6.1.0",))
-    (root / "usr/lib/modules/7.0.0").mkdir()
-    assert [k.version for k in find_kernels(Tree.from_directory(root))] == ["6.1.0"]
+    (root / "usr/lib/modules/9.99.0-fake/kernel").mkdir(parents=True)
+    (root / "usr/lib/modules/9.99.0-fake/modules.dep").write_text("")
+    (root / "boot/vmlinuz-9.0.0-image-only").write_bytes(b"kernel")
+    (root / "usr/lib/modules/8.0.0-empty/kernel").mkdir(parents=True)
+    (root / "boot/vmlinuz-8.0.0-empty").write_bytes(b"")
+    (root / "usr/lib/modules/7.0.0-text/kernel").mkdir(parents=True)
+    (root / "boot/vmlinuz-7.0.0-text").write_bytes(b"x" * 0x300)  # read as a kernel header: no HdrS magic
+    kernels = find_kernels(Tree.from_directory(root))
+    assert [(k.version, k.problem) for k in kernels] == [
+        ("9.99.0-fake", "no vmlinuz"), ("9.0.0-image-only", "no modules"), ("8.0.0-empty", "no vmlinuz"),
+        ("7.0.0-text", "no vmlinuz"), ("6.1.0", None)]
+    assert inspect(root).kernel_version == "6.1.0"
 
 
 @pytest.mark.parametrize(("os_id", "package"), [("debian", "linux-image-amd64"), ("fedora", "kernel"),

@@ -26,7 +26,8 @@ def test_live_cmdline_defaults_and_extra() -> None:
 def test_grub_cfg_boots_the_entry() -> None:
     cfg = render("grub.cfg.j2", entry=ENTRY, timeout=3)
     assert "menuentry 'Test OS (container2boot live)'" in cfg
-    assert f"linux /container2boot/vmlinuz {ENTRY.cmdline}\n" in cfg
+    words = " ".join(f"'{word}'" for word in ENTRY.cmdline.split())
+    assert f"linux /container2boot/vmlinuz {words}\n" in cfg
     assert "initrd /container2boot/initrd.img\n" in cfg
     assert "serial --unit=0 --speed=115200" in cfg and "set timeout=3" in cfg
 
@@ -39,9 +40,12 @@ def test_syslinux_cfg_boots_the_entry_on_the_serial_console() -> None:
 
 
 def boot_triple_from_grub(cfg: str) -> tuple[str, str, str]:
+    """GRUB's view: its script words with their single quotes taken off."""
     [linux] = re.findall(r"^\s*linux (\S+) (.*)$", cfg, re.MULTILINE)
     [initrd] = re.findall(r"^\s*initrd (\S+)$", cfg, re.MULTILINE)
-    return linux[0], initrd, linux[1]
+    words = re.findall(r"'([^']*)'", linux[1])
+    assert " ".join(f"'{w}'" for w in words) == linux[1], "every argument is one single-quoted GRUB word"
+    return linux[0], initrd, " ".join(words)
 
 
 def boot_triple_from_syslinux(cfg: str) -> tuple[str, str, str]:

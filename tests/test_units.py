@@ -1,6 +1,5 @@
 """Sizing, config, output staging, the run() helper and the host checks, without podman."""
 
-import errno
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import pytest
 from container2boot.config import Config, command_line, load_config_file, make_config
 from container2boot.disk import MIN_ESP, MiB, esp_size, tree_bytes
 from container2boot.errors import C2BootError
-from container2boot.output import _os_error_message, _umask, check_output, staged_output
+from container2boot.output import _umask, check_output, staged_output
 from container2boot.podman import check_subordinate_ids, context_tar, debian_suite, parse_secret
 from container2boot.run import check_version, failure_message, parse_version, require_tool, run
 
@@ -70,7 +69,7 @@ def test_invalid_settings() -> None:
 
 def test_command_line_reproduces_the_settings_for_the_rootbuilder() -> None:
     config = Config(output=Path("/x"), force=True, diskimage=True, bios=True, table="mbr", cmdline="a b",
-                    compression="xz", image="img", secrets=("id=a,src=b",))
+                    compression="xz", containerfile=Path("Containerfile"), secrets=("id=a,src=b",))
     args = command_line(config, "assemble", skip={"output", "force"})
     assert args == ["--diskimage", "--bios", "--table", "mbr", "--compression", "xz", "--cmdline", "a b"]
     assert command_line(Config(), "assemble") == []
@@ -115,8 +114,6 @@ def test_output_parent_must_exist_and_be_writable(tmp_path: Path) -> None:
 
 
 def test_disk_full_message() -> None:
-    message = _os_error_message(OSError(errno.ENOSPC, "No space left on device"), Path("out"))
-    assert message == "no space left on the device of out: free some space or choose another --output"
     assert "free some space" in failure_message("mcopy", 1, "Disk full\nNo space left on device")
 
 
@@ -126,9 +123,7 @@ def test_disk_full_message() -> None:
 def test_run_failure_names_tool_and_last_lines() -> None:
     with pytest.raises(C2BootError) as error:
         run(["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do echo line$i >&2; done; exit 3"])
-    message = str(error.value)
-    assert message.startswith("sh failed (exit 3): line3 | line4")
-    assert message.endswith("line10") and "\n" not in message
+    assert str(error.value) == "sh failed (exit 3): line10"
 
 
 def test_missing_tool_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ def fake_out(tmp_path: Path, boot: dict[str, object], disk: bool = True) -> Path
     for name in ("vmlinuz", "initrd.img", "squashfs.img"):
         (boot_dir / name).write_bytes(name.encode() * 100)
     if disk:
-        (out / "disk.img").write_bytes(b"\0" * 4096)
+        (out / "disk.img").write_bytes(b"\0" * 510 + b"\x55\xaa" + b"\0" * 3584)  # a boot signature
     (out / "manifest.json").write_text(json.dumps({"kernel": {"cmdline": LIVE_CMDLINE}, "boot": boot}))
     return out
 
