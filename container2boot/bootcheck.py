@@ -37,6 +37,7 @@ FATAL_CONSOLE = (
     (re.compile(r"error: (file .* not found|you need to load the kernel first).*"), "GRUB could not load the kernel"),
 )
 GRACE_SECONDS = 5  # more console after a fatal line, for the report
+APP_SETTLE_SECONDS = 10  # an app still running this long after it started is up
 CONSOLE_TAIL_LINES = 30
 
 
@@ -57,6 +58,8 @@ class BootReport:
     seconds: dict[str, float] = field(default_factory=dict)
     problem: str | None = None
     console_tail: list[str] = field(default_factory=list)
+    app_command: str | None = None  # an application image: what its init started
+    app_exit_status: int | None = None  # and how it ended, if it did
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -147,6 +150,32 @@ def console_tail(console: str) -> list[str]:
     return lines[-CONSOLE_TAIL_LINES:]
 
 
+def decide_app(report: BootReport, values: dict[str, Any], console: str, started_at: float | None) -> BootReport:
+    """An application image's verdict: its init started the app, which runs or exited with status 0."""
+    report.app_command = values["app_started"]
+    if started_at is not None:
+        report.seconds = {"total": round(started_at, 1)}
+    try:
+        report.app_exit_status = int(values["app_exit"]) if "app_exit" in values else None
+    except ValueError:
+        report.app_exit_status = None
+    if report.app_exit_status is None:
+        report.ok, report.verdict = True, f"the app is running: {report.app_command}"
+        return report
+    report.ok = report.app_exit_status == 0
+    report.verdict = f"the app ran and exited with status {report.app_exit_status}: {report.app_command}"
+    if not report.ok:
+        report.problem = report.verdict
+        report.console_tail = console_tail(console)
+    return report
+
+
+def app_exit_status(report_port: str) -> int | None:
+    """The exit status an application image's init reported, if it did."""
+    value = parse_report(report_port).get("app_exit")
+    return int(value) if value is not None and value.lstrip("-").isdigit() else None
+
+
 def test(target: Path, config: Config) -> BootReport:
     """`c2boot test`: boot a build's output directory or disk image as `config` says, and report."""
     with machine(target, config) as (vm, boot, built):
@@ -174,10 +203,12 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
             while True:
                 elapsed = time.monotonic() - start
                 values = parse_report(report_log.read_text(errors="replace"))
-                if "reached" in values and reached_at is None:
+                if ("reached" in values or "app_started" in values) and reached_at is None:
                     reached_at = elapsed
                 if "end" in values or elapsed > timeout:
                     break
+                if "app_started" in values and reached_at is not None and elapsed - reached_at > APP_SETTLE_SECONDS:
+                    break  # an app that keeps running (a server) is up
                 if process.poll() is not None:
                     report.problem = "QEMU stopped: " + (
                         (process.stderr.read().strip() if process.stderr else "") or "the guest powered off or reset")
@@ -195,6 +226,8 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
 def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tuple[str, str] | None,
            reached_at: float | None, timeout: float) -> BootReport:
     """Fill in `report` from what the report port and the console showed."""
+    if "app_started" in values:
+        return decide_app(report, values, console, reached_at)
     report.default_target = values.get("default_target")
     report.system_state = values.get("state")
     report.failed_units = list(values.get("failed", []))

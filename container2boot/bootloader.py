@@ -5,6 +5,7 @@ Otherwise the rootbuilder's GRUB makes a small unsigned EFI image with an embedd
 """
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,15 @@ def find_signed_loader(rootfs: Path) -> SignedLoader | None:
     return next((s for s in SIGNED_LOADERS if (rootfs / s.shim).is_file() and (rootfs / s.grub).is_file()), None)
 
 
-def install_bootloader(esp: Path, entry: BootEntry, rootfs: Path, scratch: Path) -> str:
-    """Write EFI/BOOT/BOOTX64.EFI and its grub.cfg; returns which loader was installed, for the manifest."""
+def install_bootloader(esp: Path, entry: BootEntry, roots: Sequence[Path], scratch: Path) -> str:
+    """Write EFI/BOOT/BOOTX64.EFI and its grub.cfg, with the first signed shim and GRUB found in `roots` (the
+    image's; for a supplied, signed kernel also the rootbuilder's own); returns which loader was installed, for
+    the manifest."""
     boot = esp / "EFI" / "BOOT"
     boot.mkdir(parents=True, exist_ok=True)
     render_to(boot / "grub.cfg", "grub.cfg.j2", entry=entry, timeout=MENU_TIMEOUT)
-    signed = find_signed_loader(rootfs)
+    rootfs, signed = next(((r, found) for r in roots if (found := find_signed_loader(r)) is not None),
+                          (Path("/"), None))
     if signed is not None:
         shutil.copyfile(rootfs / signed.shim, boot / "BOOTX64.EFI")
         shutil.copyfile(rootfs / signed.grub, boot / "grubx64.efi")

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
@@ -19,6 +19,9 @@ from container2boot.config import SETTINGS, Command, Config, Setting, load_confi
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import logger, setup_logging
 from container2boot.rootfs import Report
+
+if TYPE_CHECKING:
+    from container2boot.plan import Plan
 
 app = typer.Typer(
     help="Turn a container image into a bootable disk image, as a normal user: no sudo, no loop devices, "
@@ -76,7 +79,8 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
             setup_logging(bool(values.get("verbose")))
             with reported_errors(command):
                 file_values = load_config_file(config_file, command) if config_file else {}
-                config = make_config(values, file_values, source=_source_from_environment())
+                config = make_config(values, file_values, source=_source_from_environment(),
+                                     image_config=os.environ.get("C2BOOT_IMAGE_CONFIG", ""))
                 func(config=config, **kwargs)
 
         wrapper.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
@@ -107,7 +111,8 @@ def reported_errors(command: str) -> Iterator[None]:
 
 def _source_from_environment() -> dict[str, str]:
     """The host tells the rootbuilder which image it mounted, for the manifest."""
-    keys = {"C2BOOT_SOURCE_IMAGE": "image", "C2BOOT_SOURCE_DIGEST": "digest", "C2BOOT_SOURCE_ID": "id"}
+    keys = {"C2BOOT_SOURCE_IMAGE": "image", "C2BOOT_SOURCE_DIGEST": "digest", "C2BOOT_SOURCE_ID": "id",
+            "C2BOOT_KERNEL_IMAGE": "kernel_image"}
     return {name: os.environ[key] for key, name in keys.items() if os.environ.get(key)}
 
 
@@ -173,13 +178,22 @@ def inspect_command(
     c2boot inspect ./rootfs.tar --layout installed
     """
     from container2boot.pipeline import inspect_image
+    from container2boot.plan import decide
 
-    report = inspect_image(image)
+    report, image_config = inspect_image(image)
+    try:
+        plan: Plan | None = decide(report, image_config, config, None)
+        verdict = plan.describe() if plan else ""
+    except C2BootError as e:
+        plan, verdict = None, str(e)
     if json_output:
-        print(json.dumps(report.as_json(config.layout), indent=2))
+        data = report.as_json(config.layout)
+        data.update(kind=plan.kind if plan else None, plan=plan.as_json() if plan else None,
+                    bootable=plan is not None, verdict=verdict)
+        print(json.dumps(data, indent=2))
     else:
-        print(format_report(report, config.layout))
-    if report.missing(config.layout):
+        print(format_report(report, config.layout, plan, verdict))
+    if plan is None:
         raise typer.Exit(EXIT_ERROR)
 
 
@@ -202,17 +216,26 @@ def run_command(
     c2boot run out --direct --append systemd.unit=rescue.target
     c2boot run out --netboot                     # a build with --netboot, root over HTTP
     """
-    from container2boot import qemu, vm
+    from container2boot import bootcheck, qemu, vm
 
-    with vm.machine(target, config) as (machine, boot, built):
+    with vm.machine(target, config) as (machine, boot, built), lifecycle.temporary_directory("c2boot-run-") as tmp:
         qemu.accelerator()  # says so when it falls back to software emulation
         logger.info("==> Booting %s (%s, %s firmware, %d MiB, %d CPUs); Ctrl-A X quits QEMU",
                     built.what(boot), boot, config.firmware, config.memory_mib, config.cpus)
         if config.ssh_port:
             logger.info("    ssh -p %d USER@127.0.0.1 reaches the guest's ssh server", config.ssh_port)
-        code = qemu.run_interactive(dataclasses.replace(machine, reboot=True))
+        for host, guest in config.published_ports:
+            logger.info("    127.0.0.1:%d reaches the guest's port %d", host, guest)
+        report_port = tmp / "report.log"  # where an application image's init says how the app ended
+        report_port.touch()
+        code = qemu.run_interactive(dataclasses.replace(machine, reboot=True,
+                                                        serial=["mon:stdio", f"file:{report_port}"]))
+        app_status = bootcheck.app_exit_status(report_port.read_text(errors="replace"))
     if code != 0:
         raise C2BootError(f"QEMU exited with status {code}")
+    if app_status is not None:
+        logger.info("c2boot: the app exited with status %d", app_status)
+        raise typer.Exit(app_status)
 
 
 @app.command("test")
@@ -307,8 +330,8 @@ def esp_sync(
     sync(target_out, destination, dry_run=config.dry_run, delete=config.delete)
 
 
-def format_report(report: Report, layout: str) -> str:
-    """The human-readable `c2boot inspect` report."""
+def format_report(report: Report, layout: str, plan: "Plan | None", verdict: str) -> str:
+    """The human-readable `c2boot inspect` report: what the image has, then what a build will do with it."""
     data = report.as_json(layout)
     kernels = ", ".join(f"{k.version}{f' (incomplete: {k.problem})' if k.problem else ''}" for k in report.kernels)
     dracut = data["dracut"]
@@ -326,10 +349,11 @@ def format_report(report: Report, layout: str) -> str:
         ("selinux", f"{report.selinux_policy} policy" if report.selinux_policy else "no policy"),
         ("bootc", "yes (containers.bootc label)" if report.bootc else "no"),
     ]
+    if plan is not None and plan.kind != "machine" and report.missing(layout):
+        rows.append(("on its own", f"to boot without supplied parts, {report.packages(report.missing(layout))}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"  {name:<{width}}  {value}" for name, value in rows]
-    mark = "OK" if not report.missing(layout) else "CANNOT BOOT"
-    return "\n".join([*lines, f"{mark}: {report.verdict(layout)}"])
+    return "\n".join([*lines, f"{'OK' if plan else 'CANNOT BOOT'}: {verdict}"])
 
 
 @app.command()

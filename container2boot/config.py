@@ -102,6 +102,9 @@ SETTINGS: tuple[Setting, ...] = (
             ("--timeout",), frozenset({"build", "test"}), metavar="SECONDS", panel="Virtual machine"),
     Setting("ssh_port", int, None, "Forward this host port (on 127.0.0.1) to the guest's ssh port 22.",
             ("--ssh-port",), frozenset({"run"}), metavar="PORT", panel="Virtual machine"),
+    Setting("publish", str, (), "Forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (TCP), as podman run -p "
+            "does, e.g. 8080:80 for an app's web server. Repeatable.", ("--publish", "-p"), VM, repeatable=True,
+            metavar="HOSTPORT:GUESTPORT", panel="Virtual machine"),
     Setting("direct", bool, False, "Boot the kernel and initrd from esp/ directly (QEMU -kernel/-initrd/-append, "
             "no boot loader); the disk stays attached for the root.", ("--direct",), VM, panel="Virtual machine"),
     Setting("boot_from_network", bool, False, "Boot over QEMU's user network: serve squashfs.img over HTTP on "
@@ -118,6 +121,29 @@ SETTINGS: tuple[Setting, ...] = (
             frozenset({"sync"})),
     Setting("delete", bool, False, "Also delete files the ESP tree does not have, in the directories it writes "
             "(EFI/BOOT, container2boot, ...); other files on the stick stay.", ("--delete",), frozenset({"sync"})),
+    Setting("app", bool, False, "Run the image's ENTRYPOINT and CMD with container2boot's init and a supplied "
+            "kernel, as an application image, even though it has an init system of its own.", ("--app",), MAKING,
+            panel="Application"),
+    Setting("entrypoint", str, None, "The app's ENTRYPOINT instead of the image's (a command line, or a JSON "
+            "array); as with podman, it also drops the image's CMD.", ("--entrypoint",), MAKING, metavar="CMD",
+            panel="Application"),
+    Setting("cmd", str, None, "The app's CMD instead of the image's (a command line, or a JSON array).",
+            ("--cmd",), MAKING, metavar="CMD", panel="Application"),
+    Setting("env", str, (), "Set an environment variable of the app (after the image's ENV). Repeatable.",
+            ("--env",), MAKING, repeatable=True, metavar="KEY=VALUE", panel="Application"),
+    Setting("user", str, None, "Run the app as this user: a name from the image's /etc/passwd, or uid[:gid] "
+            "(default: the image's USER, else root).", ("--user",), MAKING, metavar="USER", panel="Application"),
+    Setting("workdir", str, None, "The app's working directory (default: the image's WORKDIR, else /).",
+            ("--workdir",), MAKING, metavar="DIR", panel="Application"),
+    Setting("supplied_kernel", bool, False, "Boot the supplied kernel (and its initrd) even when the image has a "
+            "kernel of its own.", ("--supplied-kernel",), MAKING, panel="Kernel"),
+    Setting("kernel_image", str, None, "The image that supplies the kernel, its modules and the dracut that makes "
+            "its initrd, for images without a usable kernel (default: one built on first use from Debian's "
+            "signed linux-image-amd64).", ("--kernel-image",), frozenset({"build", "inspect"}), metavar="REF",
+            panel="Kernel"),
+    Setting("kernel_root", Path, None, "The root filesystem of the image that supplies the kernel (e.g. mounted "
+            "with --mount=type=image,source=KERNELIMAGE,target=/kernel), for images without a usable kernel.",
+            ("--kernel-root",), frozenset({"assemble"}), metavar="DIR", panel="Kernel"),
     Setting("image", str, None, "Use this existing image instead of building one (e.g. localhost/my/machine:latest).",
             ("--image",), BUILD, metavar="REF", panel="Machine image"),
     Setting("containerfile", Path, None, "Build the machine image from this Containerfile "
@@ -169,6 +195,7 @@ class Config:
     cpus: int = 2
     timeout: int = 300
     ssh_port: int | None = None
+    publish: tuple[str, ...] = ()
     direct: bool = False
     boot_from_network: bool = False
     append: str = ""
@@ -176,8 +203,19 @@ class Config:
     address: str = "127.0.0.1"
     dry_run: bool = False
     delete: bool = False
-    # Not user settings: where the machine image came from, recorded in the manifest by the assemble stage.
+    app: bool = False
+    entrypoint: str | None = None
+    cmd: str | None = None
+    env: tuple[str, ...] = ()
+    user: str | None = None
+    workdir: str | None = None
+    supplied_kernel: bool = False
+    kernel_image: str | None = None
+    kernel_root: Path | None = None
+    # Not user settings: where the machine image came from, recorded in the manifest by the assemble stage, and
+    # its OCI configuration (JSON of plan.ImageConfig: ENTRYPOINT, CMD, ENV...), which the plan reads.
     source: Mapping[str, str] = field(default_factory=dict)
+    image_config: str = ""
 
     def __post_init__(self) -> None:
         for name, value, choices in (("compression", self.compression, COMPRESSIONS),
@@ -223,6 +261,9 @@ class Config:
             if port is not None and not lowest <= port < 65536:
                 raise C2BootError(f"{option} {port} is not a port number: use e.g. 2222 or 8080")
         parse_size(self.memory, "--memory")
+        for spec in self.publish:
+            if not re.fullmatch(r"\d{1,5}:\d{1,5}", spec) or not all(0 < int(p) < 65536 for p in spec.split(":")):
+                raise C2BootError(f"--publish {spec!r}: write it as HOSTPORT:GUESTPORT, e.g. 8080:80")
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
@@ -234,6 +275,10 @@ class Config:
     @property
     def size_bytes(self) -> int | None:
         return None if self.size is None else parse_size(self.size)
+
+    @property
+    def published_ports(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(host), int(guest)) for host, _, guest in (p.partition(":") for p in self.publish))
 
     @property
     def memory_mib(self) -> int:

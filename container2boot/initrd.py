@@ -8,9 +8,9 @@ and dracut runs chrooted. This works as a normal user and inside a rootless cont
 (An overlay over the image mount would exceed the kernel's filesystem stacking depth.)
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from container2boot.rootfs import RootfsInfo
 from container2boot.run import run
 
 # Drivers a VM, a laptop and a USB stick need to find their disks.
@@ -21,40 +21,66 @@ DISK_DRIVERS = (
 # What the live boot mounts: the ESP and the root image on it. nls_ascii is Debian's default FAT iocharset: without
 # it the ESP mount fails.
 LIVE_DRIVERS = "vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs erofs overlay loop"
+# An app has no udev of its own: what it needs is loaded by the initrd's udev and stays loaded after the switch to
+# the root. Network cards (and virtio's), the ACPI power button and its input events.
+APP_DRIVERS = "=drivers/net/ethernet virtio_net button evdev"
+KMODDIR = "/tmp/c2boot-kmod/lib/modules"  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
 
-# $1 rootfs, $2 scratch directory, $3 destination file, then the dracut command line.
+# $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", then the dracut command line.
 SANDBOX_SCRIPT = r"""
 set -eu
-rootfs=$1 scratch=$2 dest=$3; shift 3
+rootfs=$1 scratch=$2 dest=$3 kmoddir=$4; shift 4
 mkdir -p "$scratch/root"
 mount --rbind "$rootfs" "$scratch/root"
 mount -t tmpfs tmpfs "$scratch/root/tmp"
 mount -t tmpfs tmpfs "$scratch/root/var/tmp"
 for d in dev proc sys; do mount --rbind "/$d" "$scratch/root/$d"; done
+if [ -n "$kmoddir" ]; then
+  mkdir -p "$scratch/root/tmp/c2boot-kmod/lib/modules/${kmoddir##*/}"
+  mount --rbind "$kmoddir" "$scratch/root/tmp/c2boot-kmod/lib/modules/${kmoddir##*/}"
+fi
 chroot "$scratch/root" "$@" /tmp/initrd.img
 cp "$scratch/root/tmp/initrd.img" "$dest"
 chmod 0644 "$dest"
 """
 
 
-def dracut_command(info: RootfsInfo, root_fstype: str | None = None, netboot: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class InitrdJob:
+    """Which dracut makes the initrd, for which kernel, for what."""
+
+    dracut_root: Path  # the tree whose dracut runs (the image's own, or the supplied kernel image's)
+    dracut_modules: frozenset[str]  # dracut's modules in that tree
+    kernel_version: str
+    kernel_modules: Path | None = None  # another tree's /usr/lib/modules/VERSION (the image's own kernel)
+    root_fstype: str | None = None  # installed layout: the root's filesystem; None: live
+    netboot: bool = False
+    app: bool = False
+
+
+def dracut_command(job: InitrdJob) -> list[str]:
     """dracut's command line: the live initrd (with `netboot`, also able to fetch the root image over HTTP), or
     with `root_fstype` the installed one, which mounts that root."""
-    if root_fstype is None:
-        wanted = ("overlayfs", "livenet", "network") if netboot else ("overlayfs",)
-        modules = ["dmsquash-live"] + [m for m in wanted if m in info.dracut_modules]
-        layout = ["--add", " ".join(modules), "--add-drivers", f"{DISK_DRIVERS} {LIVE_DRIVERS}"]
+    if job.root_fstype is None:
+        wanted = ("overlayfs", "livenet", "network") if job.netboot else ("overlayfs",)
+        modules = ["dmsquash-live"] + [m for m in wanted if m in job.dracut_modules]
+        drivers = f"{DISK_DRIVERS} {LIVE_DRIVERS}"
+        layout = ["--add", " ".join(modules)]
     else:  # the kernel driver is enough for a one-device root (dracut's btrfs module needs btrfs-progs)
-        layout = ["--add-drivers", f"{DISK_DRIVERS} {root_fstype}"]
-    return ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--kver", info.kernel_version, *layout]
+        drivers = f"{DISK_DRIVERS} {job.root_fstype}"
+        layout = []
+    if job.app:
+        drivers += f" {APP_DRIVERS}"
+    # dracut wants the path to end in lib/modules/VERSION, as the real one does.
+    kmoddir = ["--kmoddir", f"{KMODDIR}/{job.kernel_modules.name}"] if job.kernel_modules is not None else []
+    return ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--kver", job.kernel_version, *kmoddir,
+            *layout, "--add-drivers", drivers]
 
 
-def build_initrd(info: RootfsInfo, dest: Path, scratch: Path, root_fstype: str | None = None,
-                 netboot: bool = False) -> None:
-    """Write the initrd for the image's newest kernel to `dest`: live (`netboot`: also over HTTP), or for an
-    installed `root_fstype` root."""
+def build_initrd(job: InitrdJob, dest: Path, scratch: Path) -> None:
+    """Write the initrd to `dest`, made by `job.dracut_root`'s dracut in a user namespace."""
     run([
         "unshare", "--user", "--map-root-user", "--mount", "--",
-        "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", info.root.absolute(), scratch.absolute(), dest.absolute(),
-        *dracut_command(info, root_fstype, netboot),
-    ], name="dracut (the image's, in a user namespace)")
+        "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(), dest.absolute(),
+        job.kernel_modules.absolute() if job.kernel_modules else "", *dracut_command(job),
+    ], name=f"dracut (of {job.dracut_root}, in a user namespace)")

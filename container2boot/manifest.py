@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from container2boot import __version__
-from container2boot.rootfs import RootfsInfo
+from container2boot.plan import Plan
+from container2boot.rootfs import Report
 from container2boot.run import tool_version_line
 
 MANIFEST_VERSION = 1
@@ -31,7 +32,9 @@ def artifacts(out: Path) -> list[dict[str, Any]]:
 
 def build_manifest(
     *,
-    info: RootfsInfo,
+    report: Report,
+    plan: Plan,
+    supplied_kernel: dict[str, str | None] | None,
     source: dict[str, str],
     cmdline: str,
     boot: dict[str, Any],
@@ -41,14 +44,17 @@ def build_manifest(
 ) -> dict[str, Any]:
     """`files` is the artifact list (see artifacts()); `disk_images` says which of them are disks, in which format."""
     tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
-    tools["dracut (image)"] = info.dracut_version
+    tools["dracut (image)"] = report.dracut_version
     return {
         "manifest_version": MANIFEST_VERSION,
         "container2boot": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
-        "os_release": {k: info.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in info.os_release},
-        "kernel": {"version": info.kernel_version, "cmdline": cmdline},
+        "os_release": {k: report.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in report.os_release},
+        "image_kind": plan.kind,
+        "plan": plan.as_json(),
+        "supplied_kernel": supplied_kernel,
+        "kernel": {"version": plan.kernel_version, "source": plan.kernel, "cmdline": cmdline},
         "boot": boot,
         "tools": tools,
         "disk_images": disk_images,

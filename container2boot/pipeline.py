@@ -2,22 +2,24 @@
 `assemble` inside the rootbuilder container. Both return a BuildResult; failures raise C2BootError."""
 
 import dataclasses
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import bios, formats, lifecycle, rootpartition
+from container2boot import bios, formats, lifecycle, rootpartition, supplied
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
-from container2boot.initrd import build_initrd
+from container2boot.initrd import InitrdJob, build_initrd
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
-from container2boot.rootfs import Report, RootfsInfo, examine, inspect
+from container2boot.plan import ImageConfig, Plan, decide
+from container2boot.rootfs import Report, examine, examine_directory
 from container2boot.rootimage import build_root_image
 from container2boot.run import run
 from container2boot.tree import Tree
@@ -54,6 +56,37 @@ def unpack_rootfs_tar(tarball: Path, dest: Path) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class Sources:
+    """The image's root and, when the plan supplies the kernel or the dracut, the kernel image's; each with the
+    report read from it."""
+
+    root: Path
+    report: Report
+    kernel_root: Path | None = None
+    kernel_report: Report | None = None
+
+    @property
+    def kernel_tree(self) -> tuple[Path, Report]:
+        """Where the booted kernel comes from."""
+        return (self.root, self.report) if self.kernel_root is None or self.kernel_report is None else \
+            (self.kernel_root, self.kernel_report)
+
+
+def kernel_sources(kernel_root: Path | None, config: Config) -> tuple[Path, Report]:
+    """The kernel image's tree, checked to supply what the layout needs: a kernel with its modules, and a dracut
+    with the live (and network) modules."""
+    if kernel_root is None:
+        raise C2BootError("this image needs a supplied kernel: pass --kernel-root with a kernel image's root "
+                          "filesystem (`c2boot build` mounts one), or use an image with its own kernel and dracut")
+    report = examine_directory(kernel_root)
+    missing = [need for need in report.missing(config.layout, config.netboot) if need != "init"]
+    if missing:
+        problem = report.verdict(config.layout, config.netboot).partition(" has ")[2]
+        raise C2BootError(f"the kernel image at {kernel_root} cannot supply the kernel: it has {problem}")
+    return kernel_root, report
+
+
 def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer) -> None:
     """Write esp/, disk.img (with config.diskimage) and manifest.json for `rootfs` into `staging`."""
     if not rootfs.exists():
@@ -70,42 +103,99 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         if installed:
             rootpartition.check_copyable(root, scratch)
         with timer.stage("inspect", f"Inspecting {rootfs}"):
-            info = inspect(root, live=not installed, netboot=config.netboot)
-            root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
-        logger.info("    %s, kernel %s", info.pretty_name, info.kernel_version)
+            sources = Sources(root, examine_directory(root))
+            image = ImageConfig.from_json(config.image_config) if config.image_config else ImageConfig()
+            plan = decide(sources.report, image, config, None)
+            if plan.supplies_kernel or plan.uses_supplied_dracut:
+                kernel_root, kernel_report = kernel_sources(config.kernel_root, config)
+                sources = dataclasses.replace(sources, kernel_root=kernel_root, kernel_report=kernel_report)
+                if plan.supplies_kernel:
+                    assert kernel_report.kernel is not None
+                    plan = plan.with_kernel_version(kernel_report.kernel.version)
+        logger.info("    %s, %s", sources.report.name, plan.describe())
+        root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
         if root_partition is not None:
+            kernel_file = sources.kernel_tree[1].kernel_image_path
             check_disk_size(config.size_bytes,
-                            disk_size_needed(estimate_esp(info.kernel_image.stat().st_size), root_partition))
-        need = output_bytes(info.size_bytes, config)
+                            disk_size_needed(estimate_esp(kernel_file.stat().st_size), root_partition))
+        need = output_bytes(sources.report.size_bytes, config)
         check_space(staging, need)
         with space_explained(staging, need):
-            make_outputs(rootfs, root, info, root_partition, staging, scratch, config, timer)
+            make_outputs(rootfs, sources, plan, root_partition, staging, scratch, config, timer)
 
 
-def make_outputs(rootfs: Path, root: Path, info: RootfsInfo, root_partition: rootpartition.RootPartition | None,
+def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
+               config: Config) -> InitrdJob:
+    """Which dracut makes the initrd for which kernel: the image's own, or the kernel image's (for the image's
+    kernel with the image's modules, or for the supplied kernel)."""
+    own_dracut = not plan.uses_supplied_dracut or sources.kernel_root is None
+    dracut_root, dracut_report = (sources.root, sources.report) if own_dracut else \
+        (sources.kernel_root, sources.kernel_report)
+    assert dracut_root is not None and dracut_report is not None
+    image_modules = None
+    if plan.kind == "own-kernel":
+        image_modules = sources.report.tree.real_path(f"usr/lib/modules/{plan.kernel_version}")
+    return InitrdJob(dracut_root, dracut_report.dracut_modules, plan.kernel_version, image_modules,
+                     root_partition.fstype if root_partition else None, config.netboot, plan.init == "app")
+
+
+def supply(sources: Sources, plan: Plan, scratch: Path, hostname: str) -> Path | None:
+    """The tree of what the build adds to the root (see supplied.py), or None when it adds nothing."""
+    if plan.kind not in ("userland", "app"):
+        return None
+    tree = scratch / "supplied"
+    tree.mkdir()
+    if plan.app is not None:
+        supplied.add_app_runtime(tree, plan.app, hostname)
+        supplied.add_os_release(tree, sources.report.tree, hostname)
+        supplied.add_mount_points(tree, sources.report.tree)
+    else:
+        _, kernel_report = sources.kernel_tree
+        supplied.add_modules(tree, kernel_report.tree.real_path(f"usr/lib/modules/{plan.kernel_version}"),
+                             sources.report.tree)
+    return tree
+
+
+def boot_cmdline(plan: Plan, root_partition: rootpartition.RootPartition | None, extra: str) -> str:
+    """The kernel arguments: the layout's root, the app's init (quiet, so the console is the app's), the user's."""
+    if plan.init == "app":
+        extra = f"init={supplied.INIT} quiet {extra}".strip()
+    if root_partition is None:
+        return live_cmdline(extra)
+    return installed_cmdline(root_partition.partuuid, root_partition.fstype, extra)
+
+
+def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
                  staging: Path, scratch: Path, config: Config, timer: StageTimer) -> None:
     """The slow part of assemble_into: initrd, root image, boot loaders, disk, formats, checksums, manifest."""
     installed = root_partition is not None
+    report = sources.report
     boot_dir = staging / "esp" / BOOT_DIR
     boot_dir.mkdir(parents=True)
     entry = BootEntry(
-        title=f"{info.pretty_name} (container2boot {config.layout})",
+        title=f"{report.name} (container2boot {config.layout})",
         kernel=f"/{BOOT_DIR}/vmlinuz",
         initrd=f"/{BOOT_DIR}/initrd.img",
-        cmdline=(live_cmdline(config.cmdline) if root_partition is None else
-                 installed_cmdline(root_partition.partuuid, root_partition.fstype, config.cmdline)),
+        cmdline=boot_cmdline(plan, root_partition, config.cmdline),
     )
-    shutil.copyfile(info.kernel_image, boot_dir / "vmlinuz")
+    kernel_root, kernel_report = sources.kernel_tree
+    shutil.copyfile(kernel_report.kernel_image_path, boot_dir / "vmlinuz")
+    extra = supply(sources, plan, scratch, hostname(config.source.get("image", ""), report))
+    if root_partition is not None and extra is not None:
+        root_partition = dataclasses.replace(root_partition, extra=extra)
+    job = initrd_job(sources, plan, root_partition, config)
     with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
-                     f"initrd with the image's dracut (kernel {info.kernel_version})"):
-        build_initrd(info, boot_dir / "initrd.img", scratch / "initrd",
-                     root_partition.fstype if root_partition else None, config.netboot)
+                     f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
+                     f"dracut (kernel {plan.kernel_version})"):
+        build_initrd(job, boot_dir / "initrd.img", scratch / "initrd")
     if root_partition is None:
         with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
-            build_root_image(rootfs, boot_dir / "squashfs.img", config.compression)
+            build_root_image(rootfs if extra is None else sources.root, boot_dir / "squashfs.img",
+                             config.compression, extra)
     firmware = ["uefi", "bios"] if config.bios else ["uefi"]
     with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
-        loaders = [install_bootloader(staging / "esp", entry, root, scratch)]
+        loader_roots = [sources.root, *([Path("/")] if plan.supplies_kernel else [])]
+        loaders = [install_bootloader(staging / "esp", entry, loader_roots, scratch)]
         if config.bios:
             loaders.append(bios.install_files(staging / "esp", entry))
     if config.diskimage:
@@ -120,13 +210,27 @@ def make_outputs(rootfs: Path, root: Path, info: RootfsInfo, root_partition: roo
         files = artifacts(staging)
         checksums = formats.write_checksums(staging, files)
         files.append({"path": checksums.name, "size": checksums.stat().st_size, "sha256": sha256(checksums)})
-    manifest = build_manifest(info=info, source=dict(config.source), cmdline=entry.cmdline,
+    supplied_kernel = None
+    if plan.supplies_kernel or plan.uses_supplied_dracut:
+        supplied_kernel = {"image": config.source.get("kernel_image", str(kernel_root)),
+                           "package": supplied.package_version(kernel_root, plan.kernel_version),
+                           "dracut": kernel_report.dracut_version}
+    manifest = build_manifest(report=report, plan=plan, supplied_kernel=supplied_kernel,
+                              source={k: v for k, v in config.source.items() if k != "kernel_image"},
+                              cmdline=entry.cmdline,
                               boot={"firmware": firmware, "bootloader": " + ".join(loaders),
                                     "partition_table": config.table if config.diskimage else None,
                                     "layout": config.layout, "root": root_description(config, root_partition),
                                     "netboot": config.netboot},
                               disk_images=disk_images, files=files, timings=timer.seconds)
     write_manifest(staging, manifest)
+
+
+def hostname(reference: str, report: Report) -> str:
+    """The app's hostname: the image's name (docker.io/library/nginx:1 -> nginx), else its os-release ID."""
+    name = reference.rpartition("/")[2].partition(":")[0].partition("@")[0]
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", (name or report.os_release.get("ID", "") or "app").lower()).strip("-")
+    return cleaned[:63] or "app"
 
 
 def output_bytes(image_bytes: int, config: Config) -> int:
@@ -171,15 +275,16 @@ def assemble(rootfs: Path, config: Config) -> BuildResult:
     return _result(config.output)
 
 
-def inspect_image(source: str) -> Report:
-    """`c2boot inspect`: a rootfs directory, a tar of one (`podman export`), or a podman image reference."""
+def inspect_image(source: str) -> tuple[Report, ImageConfig]:
+    """`c2boot inspect`: a rootfs directory, a tar of one (`podman export`), or a podman image reference (which
+    also has an OCI configuration: ENTRYPOINT, CMD...)."""
     path = Path(source)
     if path.is_dir():
-        return examine(Tree.from_directory(path))
+        return examine(Tree.from_directory(path)), ImageConfig()
     if path.is_file():
         try:
             with path.open("rb") as stream:
-                return examine(Tree.from_tar(stream))
+                return examine(Tree.from_tar(stream)), ImageConfig()
         except tarfile.TarError as e:
             raise C2BootError(f"{source} is not a tar of a root filesystem ({e}): pass a directory, a tar "
                               "(e.g. from `podman export`) or an image reference") from None
@@ -188,12 +293,12 @@ def inspect_image(source: str) -> Report:
     from container2boot import podman  # podman-py is only needed on the host side
 
     with podman.session() as session:
-        return session.examine(source)
+        return session.examine(source), session.image_config(source)
 
 
 def build(config: Config) -> BuildResult:
-    """Build (or take) the machine image with podman and assemble it in the rootbuilder container; with
-    --test, boot the result."""
+    """Build (or take) the machine image with podman and assemble it in the rootbuilder container (with the
+    kernel image mounted too when the plan supplies a kernel); with --test, boot the result."""
     from container2boot import bootcheck, podman  # host side only
 
     timer = StageTimer()
@@ -203,15 +308,21 @@ def build(config: Config) -> BuildResult:
         image = session.machine_image(config, timer)
         with timer.stage("check", f"Checking that {image.reference} can boot"):
             report = session.examine(image.image_id)
-        report.check(config.layout, config.netboot)  # before the slow steps: rootbuilder, initrd, root image
-        logger.info("    %s, kernel %s", report.name, report.kernel.version if report.kernel else "?")
+            image_config = session.image_config(image.image_id)
+            plan = decide(report, image_config, config, None)  # before the slow steps: bad input fails here
+        logger.info("    %s, %s", report.name, plan.describe())
         need = output_bytes(report.size_bytes, config)
         check_space(staging, need)
         with space_explained(staging, need):
             with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
                 rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
+            kernel_image = None
+            if plan.supplies_kernel or plan.uses_supplied_dracut:
+                with timer.stage("kernelimage", "Preparing the kernel image"):
+                    kernel_image = session.kernel_image(config)
             with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
-                session.assemble(rootbuilder, image, staging, config)
+                session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
+                                 kernel_image)
         manifest = read_manifest(staging)
         manifest["timings_seconds"] = {**timer.seconds, "assemble_stages": manifest["timings_seconds"]}
         write_manifest(staging, manifest)

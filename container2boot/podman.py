@@ -28,11 +28,14 @@ from container2boot import lifecycle
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import StageTimer, logger
+from container2boot.plan import ImageConfig
 from container2boot.rootfs import Report, examine
 from container2boot.run import check_version, require_tool
 from container2boot.tree import Tree
 
 ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
+KERNEL_REPO = "localhost/container2boot/kernel"
+KERNEL_ROOT = "/kernel"  # where the assemble container sees the kernel image
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
 CUSTOM_MACHINE_TAG = "localhost/container2boot/custom:latest"
 SERVICE_START_SECONDS = 30
@@ -199,7 +202,9 @@ class Session:
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
             try:
-                response = self.client.api.post("/images/import", params={"reference": reference},
+                # CMD as the registry's Debian images have it, so that the bootstrapped base runs like the real one.
+                response = self.client.api.post("/images/import", params={"reference": reference,
+                                                                           "changes": ['CMD ["bash"]']},
                                                 data=process.stdout, headers={"Content-type": "application/x-tar"})
             except BaseException:
                 process.kill()  # interrupted: do not wait for a bootstrap nobody reads any more
@@ -273,6 +278,35 @@ class Session:
         self.build_image(context, context / "Containerfile.rootbuilder", tag, {"BASE": base_image})
         return tag
 
+    def kernel_image(self, config: Config) -> str:
+        """The image that supplies the kernel: --kernel-image as given (or pulled), else the bundled one (Debian's
+        generic signed kernel, dracut, its live and network modules), built on first use and tagged by the hash of
+        its Containerfile and base."""
+        if config.kernel_image:
+            found = self.image(config.kernel_image) or self.pull(config.kernel_image)
+            if found is None:
+                raise C2BootError(f"kernel image {config.kernel_image} not found locally and could not be pulled")
+            return found.image_id
+        containerfile = containerfiles() / "Containerfile.kernel"
+        digest = hashlib.sha256(containerfile.read_bytes() + config.base_image.encode()).hexdigest()[:16]
+        tag = f"{KERNEL_REPO}:{digest}"
+        if self.image(tag):
+            logger.info("    %s is up to date", tag)
+            return tag
+        logger.info("    building %s (Debian's linux-image-amd64 and dracut, once)", tag)
+        self.ensure_base_image(config.base_image, config.mirror)
+        context = self.scratch / "kernel"
+        context.mkdir()
+        self.build_image(context, containerfile, tag, {"BASE": config.base_image})
+        return tag
+
+    def image_config(self, reference: str) -> ImageConfig:
+        """How the image runs (ENTRYPOINT, CMD, ENV, WORKDIR, USER, STOPSIGNAL), from podman's metadata."""
+        try:
+            return ImageConfig.from_inspect(self.client.images.get(reference).attrs)
+        except ImageNotFound:
+            raise C2BootError(f"image {reference} not found: check the name with `podman images`") from None
+
     def machine_image(self, config: Config, timer: StageTimer) -> MachineImage:
         """The image to boot: --image as given (or pulled), else built from --file or the bundled example."""
         if config.image:
@@ -325,17 +359,24 @@ class Session:
 
     # The assemble container ---------------------------------------------------------------------------------
 
-    def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config) -> None:
-        """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs."""
+    def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config,
+                 kernel_image: str | None = None) -> None:
+        """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs (and the kernel
+        image at /kernel)."""
+        volumes = [{"source": image.image_id, "destination": "/rootfs", "rw": False}]
+        if kernel_image is not None:
+            volumes.append({"source": kernel_image, "destination": KERNEL_ROOT, "rw": False})
+            config = config.replace(kernel_root=Path(KERNEL_ROOT))
         args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
         try:  # an HTTP error is an OSError too: it must not pass for a failed write
             container = self.client.containers.create(
                 rootbuilder,
                 command=args,
-                image_volumes=[{"source": image.image_id, "destination": "/rootfs", "rw": False}],
+                image_volumes=volumes,
                 mounts=[{"type": "bind", "source": str(staging), "target": "/out"}],
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
-                             "C2BOOT_SOURCE_ID": image.image_id},
+                             "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
+                             "C2BOOT_KERNEL_IMAGE": kernel_image or ""},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )
         except APIError as e:

@@ -120,6 +120,7 @@ class VirtualMachine:
     initrd: Path | None = None
     append: str = ""
     ssh_port: int | None = None
+    ports: tuple[tuple[int, int], ...] = ()  # (host port on 127.0.0.1, guest port), TCP
     snapshot: bool = True  # False: the guest writes to `disk`
     reboot: bool = False  # False: a reboot ends QEMU, as a test wants
     serial: Sequence[str] = ()  # -serial backends, the console first; none: the console on stdio
@@ -174,7 +175,8 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
         # snapshot=on: the built image is never written to; the guest's writes go to a temporary overlay.
         argv += ["-drive", f"file={vm.disk},format={disk_format(vm.disk)},if=virtio,"
                            f"snapshot={'on' if vm.snapshot else 'off'}"]
-    forward = f",hostfwd=tcp:127.0.0.1:{vm.ssh_port}-:22" if vm.ssh_port else ""
+    ports = ((vm.ssh_port, 22),) if vm.ssh_port else ()
+    forward = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (*ports, *vm.ports))
     argv += ["-nic", f"user,model=virtio-net-pci{forward}"]
     if vm.kernel is not None:
         argv += ["-kernel", str(vm.kernel), "-append", vm.append]

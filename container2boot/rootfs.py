@@ -74,6 +74,9 @@ class Report:
     size_bytes: int
     labels: dict[str, str] = field(default_factory=dict)
     curl: bool = False  # dracut's livenet downloads the root image with it
+    passwd: str = ""  # /etc/passwd and /etc/group: the app's user is looked up there
+    group: str = ""
+    tree: Tree = field(default_factory=lambda: Tree({}, {}), compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -98,6 +101,17 @@ class Report:
     def netboot_ready(self) -> bool:
         return ("livenet" in self.dracut_modules and self.curl
                 and any(m in self.dracut_modules for m in NETWORK_MODULES))
+
+    def initrd_ready(self, layout: str, netboot: bool) -> bool:
+        """Whether the image's own dracut can make the initrd `layout` (and a network boot) needs."""
+        live_ready = layout != "live" or "dmsquash-live" in self.dracut_modules
+        return self.dracut_version is not None and live_ready and (self.netboot_ready or not netboot)
+
+    @property
+    def kernel_image_path(self) -> Path:
+        """Where the chosen kernel's vmlinuz is, for a tree read from a directory."""
+        assert self.kernel is not None and self.kernel.image is not None
+        return self.tree.real_path(self.kernel.image)
 
     def missing(self, layout: str = "live", netboot: bool = False) -> list[str]:
         """The needs (keys of PACKAGES) this image lacks for `layout` (and for booting over the network)."""
@@ -158,23 +172,6 @@ class Report:
             "missing": [{"what": n, "package": PACKAGES[n].get(self.family)} for n in needs],
             "verdict": self.verdict(layout),
         }
-
-
-@dataclass(frozen=True)
-class RootfsInfo:
-    """What the assemble stage needs from a rootfs directory that can boot."""
-
-    root: Path
-    os_release: dict[str, str]
-    kernel_version: str
-    kernel_image: Path  # the real file
-    dracut_modules: frozenset[str]
-    dracut_version: str | None
-    size_bytes: int  # of its files
-
-    @property
-    def pretty_name(self) -> str:
-        return self.os_release.get("PRETTY_NAME", self.os_release.get("ID", "unknown OS"))
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
@@ -277,18 +274,14 @@ def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str 
         size_bytes=tree.size_bytes(),
         labels=dict(labels or {}),
         curl=any(tree.is_file(f"{d}/curl") for d in ("usr/bin", "bin")),
+        passwd=tree.read_text("etc/passwd") or "",
+        group=tree.read_text("etc/group") or "",
+        tree=tree,
     )
 
 
-def inspect(root: Path, live: bool = True, netboot: bool = False) -> RootfsInfo:
-    """What the assemble stage needs from the rootfs directory `root`; fails with the packages to add when the
-    image cannot boot (a live boot also needs dmsquash-live, a network boot livenet)."""
+def examine_directory(root: Path) -> Report:
+    """The report of a rootfs directory (the assemble stage's view of the image, or of the kernel image)."""
     if not root.is_dir():
         raise C2BootError(f"rootfs {root} is not a directory")
-    tree = Tree.from_directory(root)
-    report = examine(tree)
-    report.check("live" if live else "installed", netboot)
-    kernel = report.kernel
-    assert kernel is not None and kernel.image is not None
-    return RootfsInfo(root, report.os_release, kernel.version, tree.real_path(kernel.image), report.dracut_modules,
-                      report.dracut_version, report.size_bytes)
+    return examine(Tree.from_directory(root))

@@ -39,6 +39,7 @@ class RootPartition:
     overlay: Path  # a tree of files copied over the rootfs
     overlay_files: tuple[str, ...]  # its files, relative paths
     replaced: tuple[str, ...]  # those the rootfs has too: left out of the rootfs copy
+    extra: Path | None = None  # what the build adds to the root (supplied.py): copied after the rootfs
 
 
 def content_bytes(root: Path) -> int:

@@ -19,6 +19,7 @@ HEADER_BYTES = 64  # enough of an ELF header for its machine field
 # Small files whose contents inspection reads; everything else is known by name, type and size only.
 CONTENT_FILES = frozenset({
     "etc/os-release", "usr/lib/os-release", "usr/lib/dracut/dracut-version.sh", "etc/selinux/config",
+    "etc/passwd", "etc/group",
 })
 HEADER_DIRS = ("usr/bin/", "bin/", "usr/lib/systemd/")  # the init and shell, for the architecture
 KERNEL_IMAGE = re.compile(r"boot/vmlinuz-[^/]+|(usr/)?lib/modules/[^/]+/vmlinuz")

@@ -83,7 +83,7 @@ def machine(target: Path, config: Config) -> Iterator[tuple[VirtualMachine, str,
     built = locate(target)
     check_firmware(built, config.firmware)
     common: dict[str, Any] = {"firmware": config.firmware, "memory_mib": config.memory_mib, "cpus": config.cpus,
-                              "ssh_port": config.ssh_port}
+                              "ssh_port": config.ssh_port, "ports": config.published_ports}
     if config.boot_from_network:
         kernel, initrd = _kernel_files(built)
         with netboot.serving(netboot.boot_files(built.out, built.manifest), "127.0.0.1", 0, quiet=True) as server:

@@ -34,19 +34,20 @@ def test_inspect_example_image_is_bootable(example_build: Path) -> None:
     assert external_containers(check=True) == before  # the export container is gone
 
 
-def test_inspect_base_image_names_what_to_add(example_build: Path) -> None:
-    result = c2boot("inspect", BASE_IMAGE, check=False)
-    assert result.returncode == 1
-    assert result.stdout.splitlines()[-1].endswith(
-        "add `linux-image-amd64 dracut dracut-live systemd-sysv` to the image (e.g. in its Containerfile)")
+def test_inspect_base_image_is_an_application_image(example_build: Path) -> None:
+    result = c2boot("inspect", BASE_IMAGE, "--cmd", "bash")
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "OK: application image: will run `bash` as root with a supplied kernel"
+    assert lines[-2].endswith("to boot without supplied parts, add `linux-image-amd64 dracut dracut-live "
+                              "systemd-sysv` to the image (e.g. in its Containerfile)")
 
 
 def test_inspect_image_without_dracut(no_dracut_image: str) -> None:
-    result = c2boot("inspect", no_dracut_image, check=False)
-    assert result.returncode == 1
+    result = c2boot("inspect", no_dracut_image)
     last = result.stdout.splitlines()[-1]
-    assert "has no dracut" in last and "no kernel" not in last and last.endswith("add `dracut dracut-live` to the "
-                                                                                 "image (e.g. in its Containerfile)")
+    assert last.startswith("OK: machine image without a usable initrd maker: boots its own kernel ")
+    assert last.endswith("and its init; the supplied dracut makes the initrd")
+    assert "add `dracut dracut-live` to the image" in result.stdout
 
 
 def test_inspect_exported_tar_matches_the_image(example_build: Path, tmp_path: Path) -> None:
@@ -61,11 +62,11 @@ def test_inspect_exported_tar_matches_the_image(example_build: Path, tmp_path: P
     assert from_tar == from_image
 
 
-def test_build_stops_before_the_rootbuilder_for_an_image_without_dracut(no_dracut_image: str,
-                                                                        tmp_path: Path) -> None:
-    result = c2boot("build", "--image", no_dracut_image, "-o", tmp_path / "out", check=False)
+def test_build_stops_before_the_rootbuilder_on_app_options_for_a_machine(no_dracut_image: str,
+                                                                          tmp_path: Path) -> None:
+    result = c2boot("build", "--image", no_dracut_image, "--cmd", "/bin/true", "-o", tmp_path / "out", check=False)
     assert result.returncode == 1
-    assert "has no dracut" in result.stderr.splitlines()[-1]
+    assert "add --app to run the command instead of the init" in result.stderr.splitlines()[-1]
     assert "rootbuilder" not in result.stderr and list(tmp_path.iterdir()) == []
 
 

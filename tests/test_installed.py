@@ -9,9 +9,10 @@ from container2boot.bootloader import installed_cmdline
 from container2boot.config import Config, parse_size
 from container2boot.disk import MiB, check_disk_size, disk_size_needed, render_definitions
 from container2boot.errors import C2BootError
-from container2boot.initrd import dracut_command
+from container2boot.initrd import InitrdJob, dracut_command
 from container2boot.pipeline import assemble
-from container2boot.rootfs import inspect
+from container2boot.plan import ImageConfig, decide
+from container2boot.rootfs import examine_directory
 from container2boot.rootpartition import (
     FSTAB,
     GROW_RULE,
@@ -127,19 +128,20 @@ def test_installed_kernel_command_line_finds_root_by_partuuid_read_write() -> No
 
 
 def test_installed_initrd_has_the_filesystem_driver_and_no_live_modules(tmp_path: Path) -> None:
-    info = inspect(make_rootfs(tmp_path / "root", live=False), live=False)
-    argv = dracut_command(info, "ext4")
+    root = make_rootfs(tmp_path / "root", live=False)
+    report = examine_directory(root)
+    argv = dracut_command(InitrdJob(root, report.dracut_modules, "6.12.1-amd64", root_fstype="ext4"))
     assert "dmsquash-live" not in " ".join(argv) and "--add" not in argv
     assert argv[argv.index("--add-drivers") + 1].split()[-1] == "ext4"
-    live = dracut_command(inspect(make_rootfs(tmp_path / "live")))
+    live = dracut_command(InitrdJob(root, report.dracut_modules, "6.12.1-amd64"))
     assert live[live.index("--add") + 1] == "dmsquash-live"
 
 
 def test_an_image_without_the_live_module_can_still_be_installed(tmp_path: Path) -> None:
-    root = make_rootfs(tmp_path, live=False)
-    with pytest.raises(C2BootError, match="dmsquash-live"):
-        inspect(root)
-    assert inspect(root, live=False).kernel_version == "6.12.1-amd64"
+    report = examine_directory(make_rootfs(tmp_path, live=False))
+    assert report.initrd_ready("installed", False) and not report.initrd_ready("live", False)
+    assert decide(report, ImageConfig(), Config(layout="installed"), None).kind == "machine"
+    assert decide(report, ImageConfig(), Config(), None).kind == "own-kernel"  # the supplied dracut makes it
 
 
 def test_cli_refuses_installed_mbr_at_once(tmp_path: Path) -> None:
