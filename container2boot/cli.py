@@ -102,6 +102,10 @@ def reported_errors(command: str) -> Iterator[None]:
     except C2BootError as e:
         logger.error("%s%s", ERROR_PREFIX, e)
         raise typer.Exit(EXIT_ERROR) from None
+    except OSError as e:  # the environment refused something no check foresaw (a name too long, /proc...)
+        where = f": {e.filename}" if e.filename else ""
+        logger.error("%s%s%s", ERROR_PREFIX, e.strerror or e, where)
+        raise typer.Exit(EXIT_ERROR) from None
     except KeyboardInterrupt as e:
         stop = e if isinstance(e, lifecycle.Interrupted) else lifecycle.Interrupted(signal.SIGINT)
         logger.error("c2boot: interrupted by %s; what it had started was stopped and removed, and nothing was "
@@ -232,7 +236,7 @@ def run_command(
                                                         serial=["mon:stdio", f"file:{report_port}"]))
         app_status = bootcheck.app_exit_status(report_port.read_text(errors="replace"))
     if code != 0:
-        raise C2BootError(f"QEMU exited with status {code}")
+        raise C2BootError(f"QEMU exited with status {code} (its own message is above)")
     if app_status is not None:
         logger.info("c2boot: the app exited with status %d", app_status)
         raise typer.Exit(app_status)

@@ -23,6 +23,7 @@ DISK_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vhd")
 DISK_COMPRESSIONS = ("zst", "xz")
 FIRMWARES = ("uefi", "bios", "secure-boot")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+MIN_MEMORY_MIB = 128
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
@@ -139,7 +140,7 @@ SETTINGS: tuple[Setting, ...] = (
             "kernel of its own.", ("--supplied-kernel",), MAKING, panel="Kernel"),
     Setting("kernel_image", str, None, "The image that supplies the kernel, its modules and the dracut that makes "
             "its initrd, for images without a usable kernel (default: one built on first use from Debian's "
-            "signed linux-image-amd64).", ("--kernel-image",), frozenset({"build", "inspect"}), metavar="REF",
+            "signed linux-image-amd64).", ("--kernel-image",), BUILD, metavar="REF",
             panel="Kernel"),
     Setting("kernel_root", Path, None, "The root filesystem of the image that supplies the kernel (e.g. mounted "
             "with --mount=type=image,source=KERNELIMAGE,target=/kernel), for images without a usable kernel.",
@@ -268,6 +269,14 @@ class Config:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
         if self.context and not self.containerfile:
             raise C2BootError("--context only applies with --file")
+        for name in ("image", "kernel_image", "base_image", "mirror", "workdir"):
+            if getattr(self, name) == "":
+                raise C2BootError(f"--{name.replace('_', '-')} needs a value")
+        for name in ("output", "containerfile", "context", "kernel_root", "cmdline", "append", "cmd", "entrypoint"):
+            if "\0" in str(getattr(self, name) or ""):
+                raise C2BootError(f"--{name.replace('_', '-')} contains a NUL character")
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise C2BootError(f"--memory {self.memory} is too little to boot: give at least {MIN_MEMORY_MIB}M")
         if self.secrets and self.image:
             raise C2BootError("--secret is for building the machine image, and --image takes a built one: drop "
                               "--secret, or build with --file")
@@ -290,7 +299,7 @@ class Config:
 
 def parse_size(text: str, option: str = "--size") -> int:
     """'4G', '1500M', '4GiB', '512K' or plain bytes; units are powers of 1024, like systemd-repart's."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(r"\s*(\d{1,15}(?:\.\d{1,6})?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
     if match is None or float(match.group(1)) <= 0:
         raise C2BootError(f"{option} {text!r} is not a size: use e.g. 4G or 1500M")
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
@@ -310,6 +319,8 @@ _check_defaults_match()
 
 def load_config_file(path: Path, command: Command) -> dict[str, Any]:
     """Read a TOML config file whose keys are the long option names (e.g. `base-image = "..."`)."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise C2BootError(f"config file {path} is not a regular file: pass a TOML file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

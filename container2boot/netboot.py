@@ -57,7 +57,7 @@ def serving(directory: Path, address: str, port: int, quiet: bool = False) -> It
     try:
         server = ThreadingHTTPServer((address, port), handler)
     except OSError as e:
-        raise C2BootError(f"cannot serve on {address}:{port}: {e.strerror}; choose another --port") from None
+        raise C2BootError(f"cannot serve on {address}:{port}: {e.strerror or e}; check --address and --port") from None
     thread = threading.Thread(target=server.serve_forever, name="c2boot-serve", daemon=True)
     thread.start()
     try:

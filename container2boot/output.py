@@ -50,8 +50,8 @@ def check_output(out: Path, force: bool) -> None:
 def locked(out: Path) -> Iterator[None]:
     """Hold the lock of output directory `out` (keyed by its real path, in the user's state directory); another
     build that wants it fails at once instead of silently replacing this one's outputs."""
-    real = out.absolute().resolve()
-    path = lifecycle.state_dir() / "locks" / f"{hashlib.sha256(str(real).encode()).hexdigest()[:24]}.lock"
+    real = os.path.realpath(out)  # unlike Path.resolve, never fails (a link loop stays as it is)
+    path = lifecycle.state_dir() / "locks" / f"{hashlib.sha256(os.fsencode(real)).hexdigest()[:24]}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -76,6 +76,9 @@ class Sources:
 def kernel_sources(kernel_root: Path | None, config: Config) -> tuple[Path, Report]:
     """The kernel image's tree, checked to supply what the layout needs: a kernel with its modules, and a dracut
     with the live (and network) modules."""
+    if kernel_root is not None and not kernel_root.is_dir():
+        raise C2BootError(f"--kernel-root {kernel_root} is not a directory: pass the kernel image's root filesystem "
+                          "(e.g. mounted with --mount=type=image,source=KERNELIMAGE,target=/kernel)")
     if kernel_root is None:
         raise C2BootError("this image needs a supplied kernel: pass --kernel-root with a kernel image's root "
                           "filesystem (`c2boot build` mounts one), or use an image with its own kernel and dracut")
@@ -89,8 +92,9 @@ def kernel_sources(kernel_root: Path | None, config: Config) -> tuple[Path, Repo
 
 def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer) -> None:
     """Write esp/, disk.img (with config.diskimage) and manifest.json for `rootfs` into `staging`."""
-    if not rootfs.exists():
-        raise C2BootError(f"rootfs {rootfs} not found: pass a directory or a tar of the image's filesystem "
+    if not rootfs.is_dir() and not (rootfs.is_file() and tarfile.is_tarfile(rootfs)):
+        what = "not found" if not rootfs.exists() else "is neither a directory nor a tar"
+        raise C2BootError(f"rootfs {rootfs} {what}: pass a directory or a tar of the image's filesystem "
                           "(e.g. from `podman export`)")
     # The work directory sits beside the staged outputs, not in /tmp: an unpacked rootfs may not fit a tmpfs, and
     # systemd-repart never copies files from under /tmp or /var/tmp (its denylist) into a partition.
@@ -278,9 +282,14 @@ def assemble(rootfs: Path, config: Config) -> BuildResult:
 def inspect_image(source: str) -> tuple[Report, ImageConfig]:
     """`c2boot inspect`: a rootfs directory, a tar of one (`podman export`), or a podman image reference (which
     also has an OCI configuration: ENTRYPOINT, CMD...)."""
+    if not source.strip():
+        raise C2BootError("inspect needs an image: a podman image reference, a rootfs directory or a tar of one")
     path = Path(source)
     if path.is_dir():
         return examine(Tree.from_directory(path)), ImageConfig()
+    if path.exists() and not path.is_file():
+        raise C2BootError(f"{source} is neither a directory nor a tar file: pass a rootfs directory or a tar, or an "
+                          "image reference")
     if path.is_file():
         try:
             with path.open("rb") as stream:

@@ -13,6 +13,7 @@ The four kinds of image:
 import dataclasses
 import json
 import posixpath
+import re
 import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,7 @@ SIGNALS = ("HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "WINCH", "PWR",
 ARCHITECTURES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64",
                  "386": "i386", "arm": "arm", "ppc64le": "ppc64", "s390x": "s390x", "riscv64": "riscv64"}
 MACHINE_ARCHITECTURE = "x86_64"
+MAX_ID = 2**32 - 2  # the largest uid/gid Linux gives out
 
 
 @dataclass(frozen=True)
@@ -186,19 +188,22 @@ def lookup_user(report: Report, user: str) -> tuple[int, int]:
     if not user:
         return 0, 0
     name, _, group = user.partition(":")
+    for part in (name, group):
+        if re.fullmatch(r"[0-9]+", part) and int(part) > MAX_ID:
+            raise C2BootError(f"--user {user!r}: ids go up to {MAX_ID}")
     passwd = {f[0]: f for line in report.passwd.splitlines() if len(f := line.split(":")) >= 4}
     groups = {f[0]: f for line in report.group.splitlines() if len(f := line.split(":")) >= 3}
-    if name.isdigit():
+    if re.fullmatch(r"[0-9]+", name):
         uid = int(name)
         entry = next((f for f in passwd.values() if f[2] == name), None)
-        gid = int(entry[3]) if entry else uid if not group else 0
+        gid = int(entry[3]) if entry else 0  # as podman: a uid without a passwd entry runs with gid 0
     elif name in passwd:
         uid, gid = int(passwd[name][2]), int(passwd[name][3])
     else:
         known = ", ".join(sorted(passwd)[:8]) or "none: use a numeric uid[:gid]"
         raise C2BootError(f"user {name!r} is not in the image's /etc/passwd (users: {known})")
     if group:
-        if group.isdigit():
+        if re.fullmatch(r"[0-9]+", group):
             gid = int(group)
         elif group in groups:
             gid = int(groups[group][2])
@@ -230,9 +235,10 @@ def decide_app(report: Report, image: ImageConfig, config: Config) -> App:
         raise C2BootError(f"the app's command {command[0]!r} is not in the image (looked in its PATH and "
                           f"{workdir}): pass --cmd or --entrypoint with a program the image has")
     signal = (image.stop_signal or DEFAULT_STOP_SIGNAL).upper()
-    signal = signal if signal.startswith("SIG") else f"SIG{signal}"
-    if signal.removeprefix("SIG") not in SIGNALS:
-        raise C2BootError(f"the image's STOPSIGNAL {image.stop_signal!r} is not a signal name this init knows")
+    signal = signal if signal.startswith("SIG") or signal.isdigit() else f"SIG{signal}"
+    if signal.removeprefix("SIG") not in SIGNALS and not signal.isdigit():
+        raise C2BootError(f"the image's STOPSIGNAL {image.stop_signal!r} is not a signal this init knows: use a "
+                          f"number or one of {', '.join(SIGNALS)}")
     return App(command, env, workdir, user, uid, gid, home_of(report, uid), signal)
 
 

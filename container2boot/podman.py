@@ -79,7 +79,7 @@ def check_subordinate_ids(user: str, uid: int) -> None:
 def parse_secret(spec: str) -> tuple[str, Path]:
     """`id=ID,src=PATH` (podman build --secret syntax) -> (ID, absolute PATH), checked to exist."""
     fields = dict(part.partition("=")[::2] for part in spec.split(","))
-    if "id" not in fields or "src" not in fields:
+    if not fields.get("id") or not fields.get("src"):
         raise C2BootError(f"--secret {spec!r}: write it as id=ID,src=PATH")
     src = Path(fields["src"]).expanduser().absolute()
     if not src.is_file():
@@ -90,16 +90,19 @@ def parse_secret(spec: str) -> tuple[str, Path]:
 def build_inputs(config: Config) -> tuple[Path, Path]:
     """The Containerfile and build context of the machine image, checked (with the --secret's) before anything
     starts; without --file, the bundled example's."""
+    for spec in config.secrets:
+        parse_secret(spec)
     if config.containerfile is None:
         return containerfiles() / "Containerfile.machine", containerfiles()
+    if config.containerfile.is_dir():
+        raise C2BootError(f"--file {config.containerfile} is a directory: pass the Containerfile itself (its "
+                          "directory is the build context)")
     if not config.containerfile.is_file():
         raise C2BootError(f"Containerfile {config.containerfile} not found: check the --file path")
     context = config.context or config.containerfile.parent
     if not context.is_dir():
         raise C2BootError(f"build context {context} is not a directory: pass the directory that the Containerfile's "
                           "COPY and ADD read from")
-    for spec in config.secrets:
-        parse_secret(spec)
     return config.containerfile, context
 
 

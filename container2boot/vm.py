@@ -45,14 +45,20 @@ def locate(target: Path) -> Built:
     if target.is_dir():
         out, disk = target, (target / "disk.img" if (target / "disk.img").is_file() else None)
     elif target.is_file():
-        check_disk_image(target)
         out, disk = target.parent, target
+    elif target.exists():
+        raise C2BootError(f"{target} is neither a directory nor a disk image file: pass the output directory of "
+                          "`c2boot build` or one of its disk images")
     else:
         raise C2BootError(f"{target} not found: pass the output directory of `c2boot build` or a disk image")
+    if disk is not None:
+        check_disk_image(disk)
     try:
         manifest = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
-    except json.JSONDecodeError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise C2BootError(f"{out / MANIFEST} is not valid JSON ({e}): rebuild the outputs") from None
+    if not isinstance(manifest, dict):
+        raise C2BootError(f"{out / MANIFEST} is not a container2boot manifest: rebuild the outputs")
     return Built(out, disk, manifest)
 
 

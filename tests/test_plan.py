@@ -120,7 +120,7 @@ PASSWD = "root:x:0:0:root:/root:/bin/sh\nnginx:x:101:33:nginx:/var/cache/nginx:/
     ("nginx", (101, 33), "/var/cache/nginx", "nginx (uid 101, gid 33)"),
     ("nginx:staff", (101, 50), "/var/cache/nginx", "nginx:staff (uid 101, gid 50)"),
     ("101", (101, 33), "/var/cache/nginx", "uid 101, gid 33"),
-    ("1000", (1000, 1000), "/", "uid 1000, gid 1000"),
+    ("1000", (1000, 0), "/", "uid 1000, gid 0"),
     ("1000:2000", (1000, 2000), "/", "uid 1000, gid 2000"),
     ("1000:www-data", (1000, 33), "/", "uid 1000, gid 33"),
 ])
@@ -133,6 +133,10 @@ def test_user_forms(tmp_path: Path, user: str, ids: tuple[int, int], home: str, 
 def test_numeric_user_without_any_passwd(tmp_path: Path) -> None:
     plan = plan_of(app_rootfs(tmp_path / "root"), user="65534:65534")
     assert plan.app is not None and (plan.app.uid, plan.app.gid, plan.app.home) == (65534, 65534, "/")
+    numeric_signal = plan_of(app_rootfs(tmp_path / "other"), ImageConfig(cmd=("nginx",), stop_signal="3"))
+    assert numeric_signal.app is not None and numeric_signal.app.stop_signal == "3"
+    with pytest.raises(C2BootError, match="STOPSIGNAL 'SIGRTMIN\\+3' is not a signal this init knows"):
+        plan_of(app_rootfs(tmp_path / "third"), ImageConfig(cmd=("nginx",), stop_signal="SIGRTMIN+3"))
 
 
 # Bad input: before the slow steps, one line ----------------------------------------------------------------------

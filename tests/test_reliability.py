@@ -3,6 +3,7 @@ signals and SIGKILL leftovers on real processes, clean one-line errors for bad i
 
 import errno
 import json
+import os
 import re
 import signal
 import subprocess
@@ -318,3 +319,58 @@ def test_an_enospc_while_publishing_is_a_space_error(tmp_path: Path) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
 
+
+
+# Found by sweeping the CLI with about 120 kinds of bad input ------------------------------------------------------
+
+
+def test_swept_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    """Each was a traceback, a hang, silent acceptance or a misleading message before."""
+    out = tmp_path / "out"
+    text = tmp_path / "text.txt"
+    text.write_text("hello\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "disk.img").write_bytes(os.urandom(1024 * 1024))
+    manifests = {}
+    for name, content in (("list", b"[1, 2]"), ("null", b"null"), ("binary", b"\xff\xfe\x00x")):
+        manifests[name] = tmp_path / f"m-{name}"
+        manifests[name].mkdir()
+        (manifests[name] / "manifest.json").write_bytes(content)
+    nul_config = tmp_path / "nul.toml"
+    nul_config.write_text('output = "a\\u0000b"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["build", "--image", "", "-o", out], "--image needs a value"),
+        (["build", "--base-image", "", "-o", out], "--base-image needs a value"),
+        (["inspect", ""], "inspect needs an image"),
+        (["inspect", "/dev/null"], "is neither a directory nor a tar file"),
+        (["test", empty, "--memory", "1K"], "is too little to boot"),
+        (["test", empty, "--memory", "9" * 400], "is not a size"),
+        (["run", garbage], "is not a disk with a partition table"),
+        (["test", fifo], "is neither a directory nor a disk image file"),
+        (["build", "--image", "x", "-o", "/proc/c2boot-x"], ""),
+        (["build", "--image", "x", "-o", loop], ""),
+        (["build", "--image", "x", "-o", tmp_path / ("x" * 300)], ""),
+        (["build", "--config", fifo, "-o", out], "is not a regular file"),
+        (["build", "--config", nul_config], "contains a NUL character"),
+        (["assemble", text, "-o", out], "is neither a directory nor a tar"),
+        (["assemble", fifo, "-o", out], "is neither a directory nor a tar"),
+        (["build", "-f", empty, "-o", out], "is a directory: pass the Containerfile itself"),
+        (["build", "--secret", "garbage", "-o", out], "write it as id=ID,src=PATH"),
+        (["assemble", empty, "-o", out, "--kernel-root", tmp_path / "nope"], ""),
+    ]
+    for name, directory in manifests.items():
+        cases.append((["run", directory, "--direct"], "rebuild the outputs" if name != "list" else "not a container"))
+    for args, message in cases:
+        result = c2boot(*args, check=False)
+        line = one_line_error(result)
+        assert message in line, (args, line)
+    assert not out.exists()
+    verdict = c2boot("inspect", empty, "--app", "--cmd", "/x", "--user", "99999999999999999999", check=False)
+    assert verdict.returncode == 1 and "ids go up to" in verdict.stdout.splitlines()[-1]

@@ -213,7 +213,7 @@ def test_serve_prints_the_kernel_arguments_and_serves(tmp_path: Path) -> None:
                                     str(server.server_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         _, errors = process.communicate(timeout=30)
-    assert process.returncode == 1 and "choose another --port" in errors  # the port is taken
+    assert process.returncode == 1 and "check --address and --port" in errors  # the port is taken
     process = subprocess.Popen([*C2BOOT, "serve", str(out), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
