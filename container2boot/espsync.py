@@ -234,6 +234,9 @@ def open_target(target: Path, mountinfo: str | None = None) -> tuple[Target, str
         return DirectoryTarget(target), device_label(mount.source)
     if not target.exists():
         raise C2BootError(f"{target} does not exist: pass the mounted USB stick's directory, or a FAT image file")
+    if not (target.is_file() or stat.S_ISBLK(target.stat().st_mode)):
+        raise C2BootError(f"{target} is neither a directory, a FAT image file nor a partition device: pass the "
+                          "mounted USB stick's directory, or a FAT image file")
     busy = next((m for m in mounts if Path(m.source) == target.resolve()), None)
     if busy is not None:
         raise C2BootError(f"{target} is mounted at {busy.point}: pass that directory instead of the device")

@@ -345,6 +345,9 @@ def test_swept_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     nul_config.write_text('output = "a\\u0000b"\n')
     empty = tmp_path / "empty"
     empty.mkdir()
+    esp_out = tmp_path / "espout"
+    (esp_out / "esp/EFI/BOOT").mkdir(parents=True)
+    (esp_out / "esp/EFI/BOOT/BOOTX64.EFI").write_bytes(b"MZ")
     cases = [
         (["build", "--image", "", "-o", out], "--image needs a value"),
         (["build", "--base-image", "", "-o", out], "--base-image needs a value"),
@@ -364,6 +367,7 @@ def test_swept_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         (["build", "-f", empty, "-o", out], "is a directory: pass the Containerfile itself"),
         (["build", "--secret", "garbage", "-o", out], "write it as id=ID,src=PATH"),
         (["assemble", empty, "-o", out, "--kernel-root", tmp_path / "nope"], ""),
+        (["esp", "sync", esp_out, fifo], "is neither a directory, a FAT image file nor a partition device"),
     ]
     for name, directory in manifests.items():
         cases.append((["run", directory, "--direct"], "rebuild the outputs" if name != "list" else "not a container"))
