@@ -186,7 +186,7 @@ def inspect_command(
 
     report, image_config = inspect_image(image)
     try:
-        plan: Plan | None = decide(report, image_config, config, None)
+        plan: Plan | None = decide(report, image_config, config)
         verdict = plan.describe() if plan else ""
     except C2BootError as e:
         plan, verdict = None, str(e)

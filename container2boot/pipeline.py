@@ -109,7 +109,7 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         with timer.stage("inspect", f"Inspecting {rootfs}"):
             sources = Sources(root, examine_directory(root))
             image = ImageConfig.from_json(config.image_config) if config.image_config else ImageConfig()
-            plan = decide(sources.report, image, config, None)
+            plan = decide(sources.report, image, config)
             if plan.supplies_kernel or plan.uses_supplied_dracut:
                 kernel_root, kernel_report = kernel_sources(config.kernel_root, config)
                 sources = dataclasses.replace(sources, kernel_root=kernel_root, kernel_report=kernel_report)
@@ -318,7 +318,7 @@ def build(config: Config) -> BuildResult:
         with timer.stage("check", f"Checking that {image.reference} can boot"):
             report = session.examine(image.image_id)
             image_config = session.image_config(image.image_id)
-            plan = decide(report, image_config, config, None)  # before the slow steps: bad input fails here
+            plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
         logger.info("    %s, %s", report.name, plan.describe())
         need = output_bytes(report.size_bytes, config)
         check_space(staging, need)

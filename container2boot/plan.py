@@ -242,9 +242,9 @@ def decide_app(report: Report, image: ImageConfig, config: Config) -> App:
     return App(command, env, workdir, user, uid, gid, home_of(report, uid), signal)
 
 
-def decide(report: Report, image: ImageConfig, config: Config, supplied_kernel_version: str | None) -> Plan:
-    """The plan for `report`'s image. `supplied_kernel_version` is the version the kernel image offers (None when
-    the caller does not know it yet: the plan then names no version for a supplied kernel)."""
+def decide(report: Report, image: ImageConfig, config: Config) -> Plan:
+    """The plan for `report`'s image. A supplied kernel's version is filled in (with_kernel_version) once the
+    kernel image has been read; until then the plan names none."""
     check_architecture(report, image)
     app_mode = config.app or report.init == "none"
     overrides = [flag for flag, value in (("--entrypoint", config.entrypoint), ("--cmd", config.cmd),
@@ -264,7 +264,7 @@ def decide(report: Report, image: ImageConfig, config: Config, supplied_kernel_v
         return Plan("machine", own.version, "image", "image", "image")
     if app_mode:
         app = decide_app(report, image, config)
-        return Plan("app", supplied_kernel_version or "", "supplied", "supplied", "app", app)
+        return Plan("app", "", "supplied", "supplied", "app", app)
     if own is not None:
         return Plan("own-kernel", own.version, "image", "supplied", "image")
-    return Plan("userland", supplied_kernel_version or "", "supplied", "supplied", "image")
+    return Plan("userland", "", "supplied", "supplied", "image")

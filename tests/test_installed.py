@@ -140,8 +140,8 @@ def test_installed_initrd_has_the_filesystem_driver_and_no_live_modules(tmp_path
 def test_an_image_without_the_live_module_can_still_be_installed(tmp_path: Path) -> None:
     report = examine_directory(make_rootfs(tmp_path, live=False))
     assert report.initrd_ready("installed", False) and not report.initrd_ready("live", False)
-    assert decide(report, ImageConfig(), Config(layout="installed"), None).kind == "machine"
-    assert decide(report, ImageConfig(), Config(), None).kind == "own-kernel"  # the supplied dracut makes it
+    assert decide(report, ImageConfig(), Config(layout="installed")).kind == "machine"
+    assert decide(report, ImageConfig(), Config()).kind == "own-kernel"  # the supplied dracut makes it
 
 
 def test_cli_refuses_installed_mbr_at_once(tmp_path: Path) -> None:

@@ -34,7 +34,8 @@ def app_rootfs(root: Path, *, passwd: str = "", programs: tuple[str, ...] = ("us
 
 
 def plan_of(report: Report, image: ImageConfig = NGINX, **settings: object) -> Plan:
-    return decide(report, image, Config(**settings), "6.12.57+deb13-amd64")  # type: ignore[arg-type]
+    plan = decide(report, image, Config(**settings))  # type: ignore[arg-type]
+    return plan.with_kernel_version("6.12.57+deb13-amd64") if plan.supplies_kernel else plan
 
 
 # The four kinds --------------------------------------------------------------------------------------------------
