@@ -1,11 +1,16 @@
 """`c2boot test`: boot a built image headless and let the booted system say whether it came up.
 
-The image is not changed: a small report unit reaches the guest as a systemd credential (SMBIOS type 11, read by
-systemd 256 or newer), runs once the default target is reached, waits for the startup to finish and writes the
-system state, the failed units and systemd's boot timestamps to a second serial port that only the host reads.
-The console (first serial port) is kept for the failure report: kernel panics, emergency mode, firmware refusals.
+The image is not changed: a small report unit reaches the guest as systemd credentials (SMBIOS type 11), runs
+once the default target is reached, waits for the startup to finish and writes the system state, the failed units
+and systemd's boot timestamps to a second serial port that only the host reads. systemd 256 and newer take the
+unit itself as a credential; 252-255 get it through `tmpfiles.extra`, which systemd-tmpfiles already reads in the
+initrd: it writes the unit to /run/systemd/system, which the booted system loads after the switch to its root.
+The console (first serial port) is kept for the failure report (kernel panics, emergency mode, firmware refusals),
+and is the whole verdict for an init that is not systemd or a systemd older than 252: a login prompt reached, no
+panic, no emergency shell.
 """
 
+import base64
 import dataclasses
 import re
 import time
@@ -36,6 +41,10 @@ FATAL_CONSOLE = (
     # Not GRUB's "no such device": a failed `search` is harmless when the boot device holds the files anyway.
     (re.compile(r"error: (file .* not found|you need to load the kernel first).*"), "GRUB could not load the kernel"),
 )
+# A console verdict (no systemd report possible): a getty's login prompt means the system came up.
+LOGIN_PROMPT = re.compile(r"^\S+ login: ", re.MULTILINE)  # kernel messages may follow on its line
+INIT_BANNERS = re.compile(r"INIT: version \S+ booting|OpenRC \S+ is starting up|Run /\S+ as init process")
+MIN_REPORTING_SYSTEMD = 252  # reads tmpfiles.extra (and SMBIOS credentials) in the initrd
 GRACE_SECONDS = 5  # more console after a fatal line, for the report
 APP_SETTLE_SECONDS = 10  # an app still running this long after it started is up
 CONSOLE_TAIL_LINES = 30
@@ -48,6 +57,7 @@ class BootReport:
     ok: bool
     verdict: str
     boot: str  # disk, direct or network
+    verdict_kind: str  # report: the booted systemd reported; console: judged from the console; app: its init's
     firmware: str
     accelerator: str
     image: str
@@ -66,7 +76,8 @@ class BootReport:
 
     def summary(self) -> str:
         """The human-readable report: one verdict line, then the timings or what the console said last."""
-        lines = [f"{'UP' if self.ok else 'FAILED'}: {self.verdict}"]
+        kind = {"console": " (judged from the console)", "app": ""}.get(self.verdict_kind, "")
+        lines = [f"{'UP' if self.ok else 'FAILED'}: {self.verdict}{kind}"]
         if self.seconds:
             lines.append("  " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s"
                                           for name, value in self.seconds.items()))
@@ -82,10 +93,14 @@ def report_unit() -> bytes:
 
 
 def report_credentials() -> dict[str, bytes]:
-    """The unit and the drop-in that pulls it into the boot (systemd-debug-generator reads both credentials)."""
+    """The unit and what pulls it into the boot: for systemd 256+, the unit and a drop-in (systemd-debug-generator
+    reads both credentials); for 252-255, tmpfiles lines that write the unit and its wants link under /run."""
+    unit = report_unit()
     return {
-        f"systemd.extra-unit.{REPORT_UNIT}": report_unit(),
+        f"systemd.extra-unit.{REPORT_UNIT}": unit,
         "systemd.unit-dropin.basic.target~c2boot-report": f"[Unit]\nWants={REPORT_UNIT}\n".encode(),
+        "tmpfiles.extra": render("report.tmpfiles.j2", unit=REPORT_UNIT,
+                                 unit_base64=base64.b64encode(unit).decode()).encode(),
     }
 
 
@@ -170,6 +185,26 @@ def decide_app(report: BootReport, values: dict[str, Any], console: str, started
     return report
 
 
+def decide_console(report: BootReport, console: str, fatal: tuple[str, str] | None, reached_at: float | None,
+                   timeout: float) -> BootReport:
+    """The verdict for an init that cannot report: a login prompt on the console, and no fatal line before it."""
+    banner = INIT_BANNERS.search(console)
+    if reached_at is not None and fatal is None:
+        report.ok = True
+        report.seconds = {"total": round(reached_at, 1)}
+        prompt = LOGIN_PROMPT.search(console)
+        report.verdict = f"the system reached a login prompt ({prompt.group(0).strip() if prompt else 'login:'})"
+        return report
+    report.console_tail = console_tail(console)
+    if fatal is not None:
+        report.problem = f"{fatal[0]} ({fatal[1]})"
+    elif report.problem is None:
+        started = f"its init started ({banner.group(0)}) but " if banner else ""
+        report.problem = f"{started}no login prompt on the console within {timeout:.0f} s"
+    report.verdict = report.problem
+    return report
+
+
 def app_exit_status(report_port: str) -> int | None:
     """The exit status an application image's init reported, if it did."""
     value = parse_report(report_port).get("app_exit")
@@ -179,21 +214,38 @@ def app_exit_status(report_port: str) -> int | None:
 def test(target: Path, config: Config) -> BootReport:
     """`c2boot test`: boot a build's output directory or disk image as `config` says, and report."""
     with machine(target, config) as (vm, boot, built):
-        logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s)", built.what(boot), boot,
-                    config.firmware, config.timeout)
-        return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout)
+        kind = verdict_kind(built.manifest)
+        how = "its systemd reports" if kind == "report" else "judged from its console: not systemd 252 or newer"
+        logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s; %s)", built.what(boot), boot,
+                    config.firmware, config.timeout, how)
+        return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout, kind=kind)
 
 
-def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float) -> BootReport:
-    """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up."""
+def verdict_kind(manifest: dict[str, Any]) -> str:
+    """How the boot is judged: by the booted system's report (systemd 252+, an app's init, or a build that does not
+    say), or by its console (another init, an older systemd)."""
+    image = manifest.get("image") or {}
+    if manifest.get("image_kind") == "app":
+        return "app"
+    if "init" not in image:
+        return "report"
+    version = image.get("systemd_version")
+    return "report" if image["init"] == "systemd" and (version is None or version >= MIN_REPORTING_SYSTEMD) \
+        else "console"
+
+
+def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float,
+               kind: str = "report") -> BootReport:
+    """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up:
+    from its report, or with `kind` "console" from a login prompt on its console."""
     with lifecycle.temporary_directory("c2boot-test-") as tmp:
         console_log, report_log = tmp / "console.log", tmp / "report.log"
         console_log.touch()
         report_log.touch()
         vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"],
-                          credentials={**vm.credentials, **report_credentials()}, reboot=False)
+                          credentials=qemu.merge_credentials(vm.credentials, report_credentials()), reboot=False)
         accelerator = qemu.accelerator()
-        report = BootReport(ok=False, verdict="", boot=boot, firmware=vm.firmware,
+        report = BootReport(ok=False, verdict="", boot=boot, verdict_kind=kind, firmware=vm.firmware,
                             accelerator=accelerator.split(",")[0], image=image)
         with qemu.started(vm) as process:
             start = time.monotonic()
@@ -205,6 +257,9 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
                 values = parse_report(report_log.read_text(errors="replace"))
                 if ("reached" in values or "app_started" in values) and reached_at is None:
                     reached_at = elapsed
+                if kind == "console" and LOGIN_PROMPT.search(qemu.read_console(console_log)):
+                    reached_at = elapsed
+                    break
                 if "end" in values or elapsed > timeout:
                     break
                 if "app_started" in values and reached_at is not None and elapsed - reached_at > APP_SETTLE_SECONDS:
@@ -227,7 +282,10 @@ def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tupl
            reached_at: float | None, timeout: float) -> BootReport:
     """Fill in `report` from what the report port and the console showed."""
     if "app_started" in values:
+        report.verdict_kind = "app"
         return decide_app(report, values, console, reached_at)
+    if report.verdict_kind == "console":
+        return decide_console(report, console, fatal, reached_at, timeout)
     report.default_target = values.get("default_target")
     report.system_state = values.get("state")
     report.failed_units = list(values.get("failed", []))
@@ -252,6 +310,7 @@ def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tupl
         report.problem = f"{fatal[0]} ({fatal[1]})"
     elif report.problem is None:
         report.problem = (f"no report from the system within {timeout:.0f} s: it did not reach its default target, "
-                          "or its systemd is older than 256 (which reads the test's unit from SMBIOS credentials)")
+                          f"or its systemd is older than {MIN_REPORTING_SYSTEMD}, which reads the test's unit from "
+                          "SMBIOS credentials")
     report.verdict = report.problem
     return report

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from container2boot import cmdline
-from container2boot.run import require_tool, run
+from container2boot.run import dracut_live_overlay_args, require_tool, run
 from container2boot.templates import render_to
 
 ESP_LABEL = "C2BOOT"
@@ -55,11 +55,11 @@ SIGNED_LOADERS = (
 )
 
 
-def live_cmdline(extra: str) -> str:
+def live_cmdline(extra: str, dracut_version: str | None = None) -> str:
     """dmsquash-live finds the ESP by its FAT label (the same on GPT and MBR disks and on a USB stick) and mounts
-    squashfs.img with a tmpfs overlay."""
+    squashfs.img with a tmpfs overlay, asked for as the initrd's dracut (`dracut_version`) understands it."""
     base = (f"root=live:LABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg=squashfs.img "
-            f"rd.live.image rd.live.overlay.readonly {CONSOLE_ARGS}")
+            f"rd.live.image {dracut_live_overlay_args(dracut_version)} {CONSOLE_ARGS}")
     return f"{base} {extra}".strip()
 
 

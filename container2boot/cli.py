@@ -266,6 +266,61 @@ def test_command(
         raise typer.Exit(EXIT_ERROR)
 
 
+@app.command("ssh")
+@with_settings("ssh")
+def ssh_command(
+    target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
+    command: Optional[list[str]] = typer.Argument(None, help="A command to run instead of a shell (after --).",  # noqa: UP045
+                                                  show_default=False, metavar="[-- COMMAND...]"),
+    *,
+    config: Config,
+) -> None:
+    """Boot a build headless and log in over SSH: a throw-away key is given to root at boot (a systemd credential,
+    systemd 252+), a free port on 127.0.0.1 is forwarded to the guest's sshd; the VM stops and the key is deleted
+    when you leave. With a command, exit with its status. The image is never written.
+
+    \b
+    c2boot ssh out                                   # a root shell in the booted system
+    c2boot ssh out -- systemctl is-system-running    # one command; its exit status is c2boot's
+    c2boot ssh out --login alice --identity ~/.ssh/id_ed25519 -- id   # a user the build let in (--user, --ssh-key)
+    c2boot ssh out --cloud-init user-data.yaml --hostname web1
+    """
+    from container2boot.ssh import ssh
+
+    status = ssh(target, config, command or [])
+    if status != 0:
+        raise typer.Exit(status)
+
+
+@app.command("libvirt")
+@with_settings("libvirt")
+def libvirt_command(
+    target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
+    *,
+    config: Config,
+) -> None:
+    """Hand a build to libvirt: print its domain XML (UEFI, Secure Boot or BIOS firmware chosen by libvirt from
+    the installed OVMF; virtio disk and user-mode network; serial console), or the equivalent virt-install line,
+    or define it in your own qemu:///session (no root). The domain boots the disk in place: the guest writes to it.
+
+    \b
+    c2boot libvirt out > web1.xml                # the XML, for virsh define
+    c2boot libvirt out --define --name web1      # and says how to start it
+    c2boot libvirt out --define --console-log ~/web1-console.log
+    c2boot libvirt out/disk.qcow2 --firmware secure-boot --virt-install
+    """
+    from container2boot import libvirt
+
+    domain = libvirt.domain(target, config)
+    if config.define:
+        libvirt.define(domain)
+        print(libvirt.next_steps(domain))
+    elif config.virt_install:
+        print(libvirt.virt_install_line(domain))
+    else:
+        print(libvirt.domain_xml(domain), end="")
+
+
 @app.command()
 @with_settings("serve")
 def serve(
@@ -352,6 +407,9 @@ def format_report(report: Report, layout: str, plan: "Plan | None", verdict: str
          else f"no: for --netboot {report.packages(['livenet'])}"),
         ("selinux", f"{report.selinux_policy} policy" if report.selinux_policy else "no policy"),
         ("bootc", "yes (containers.bootc label)" if report.bootc else "no"),
+        ("ssh", "yes (sshd)" if report.sshd else "no sshd"),
+        ("cloud-init", "no" if not report.cloud_init else "yes" if report.cloud_datasources is None
+         else f"yes, datasources: {', '.join(report.cloud_datasources) or 'none'}"),
     ]
     if plan is not None and plan.kind != "machine" and report.missing(layout):
         rows.append(("on its own", f"to boot without supplied parts, {report.packages(report.missing(layout))}"))

@@ -22,12 +22,15 @@ ROOTFS_TYPES = ("ext4", "xfs", "btrfs")
 DISK_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vhd")
 DISK_COMPRESSIONS = ("zst", "xz")
 FIRMWARES = ("uefi", "bios", "secure-boot")
+CLOUDS = ("digitalocean", "openstack", "gce", "azure")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MIN_MEMORY_MIB = 128
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME = re.compile(rf"(?=.{{1,64}}$){HOSTNAME_LABEL}(\.{HOSTNAME_LABEL})*")  # systemd takes up to 64
 
-Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync"]
+Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt"]
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,13 @@ class Setting:
 
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
-ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync"})
+ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt"})
 MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
-BOOTING: frozenset[Command] = frozenset({"build", "run", "test"})  # build boots with --test
-VM: frozenset[Command] = frozenset({"run", "test"})
+BOOTING: frozenset[Command] = frozenset({"build", "run", "test", "ssh", "libvirt"})  # build boots with --test
+VM: frozenset[Command] = frozenset({"run", "test", "ssh"})
+ACCESS: frozenset[Command] = frozenset({"build", "assemble", "run", "test", "ssh"})  # at build time, or at boot
+SSH: frozenset[Command] = frozenset({"ssh"})
+LIBVIRT: frozenset[Command] = frozenset({"libvirt"})
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("output", Path, Path("out"), "Directory to write esp/, disk.img and manifest.json into.",
@@ -100,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cpus", int, 2, "Virtual CPUs of the virtual machine.", ("--cpus",), BOOTING, metavar="N",
             panel="Virtual machine"),
     Setting("timeout", int, 300, "Seconds to wait for the system to come up before the test fails.",
-            ("--timeout",), frozenset({"build", "test"}), metavar="SECONDS", panel="Virtual machine"),
+            ("--timeout",), frozenset({"build", "test", "ssh"}), metavar="SECONDS", panel="Virtual machine"),
     Setting("ssh_port", int, None, "Forward this host port (on 127.0.0.1) to the guest's ssh port 22.",
             ("--ssh-port",), frozenset({"run"}), metavar="PORT", panel="Virtual machine"),
     Setting("publish", str, (), "Forward 127.0.0.1:HOSTPORT to the guest's GUESTPORT (TCP), as podman run -p "
@@ -132,8 +138,43 @@ SETTINGS: tuple[Setting, ...] = (
             ("--cmd",), MAKING, metavar="CMD", panel="Application"),
     Setting("env", str, (), "Set an environment variable of the app (after the image's ENV). Repeatable.",
             ("--env",), MAKING, repeatable=True, metavar="KEY=VALUE", panel="Application"),
-    Setting("user", str, None, "Run the app as this user: a name from the image's /etc/passwd, or uid[:gid] "
-            "(default: the image's USER, else root).", ("--user",), MAKING, metavar="USER", panel="Application"),
+    Setting("user", str, None, "An application image: run the app as this user, a name from the image's "
+            "/etc/passwd or uid[:gid] (default: the image's USER, else root). A machine image: the user to log in "
+            "as, created when the image lacks it; --ssh-key, --password-secret and --groups apply to it.",
+            ("--user",), MAKING, metavar="USER", panel="Access"),
+    Setting("groups", str, None, "Supplementary groups of --user on a machine image, comma-separated (e.g. "
+            "sudo,adm); each must exist in the image.", ("--groups",), MAKING, metavar="G1,G2", panel="Access"),
+    Setting("hostname", str, None, "The machine's hostname. build: written to /etc/hostname of the bootable root "
+            "(the image is not changed). run, test, ssh: given at boot as a systemd credential (systemd 254+), the "
+            "disk untouched.", ("--hostname",), ACCESS, metavar="NAME", panel="Access"),
+    Setting("ssh_keys", Path, (), "A file of SSH public keys, one per line (e.g. ~/.ssh/id_ed25519.pub), that may "
+            "log in: as --user when given, else as root. build: written to the root's authorized_keys. run, test, "
+            "ssh: given at boot as a systemd credential (systemd 252+), the disk untouched. Repeatable.",
+            ("--ssh-key",), ACCESS, repeatable=True, metavar="FILE", panel="Access"),
+    Setting("password_secret", str, None, "The password of --user (else root) from a file, in podman's secret "
+            "syntax: a password, or a crypt hash ($6$..., $y$...). Only its hash enters the root; never an image "
+            "layer or the manifest.", ("--password-secret",), BOTH, metavar="id=ID,src=FILE", panel="Access"),
+    Setting("cloud_init", Path, None, "cloud-init user-data (#cloud-config YAML or a script). run, test, ssh: "
+            "attached as a NoCloud seed volume (FAT labelled cidata). build: embedded as the root's NoCloud seed "
+            "(/var/lib/cloud/seed/nocloud), for images with cloud-init.", ("--cloud-init",), ACCESS,
+            metavar="FILE", panel="Access"),
+    Setting("cloud", str, None, "Also write the disk as this cloud imports it: digitalocean (disk.img.gz), "
+            "openstack (disk.qcow2), gce (disk.raw in disk.tar.gz), azure (fixed disk.vhd, 1 MiB aligned); warns "
+            "what the image lacks there (implies --diskimage).", ("--cloud",), BOTH, choices=CLOUDS),
+    Setting("login", str, "root", "The user to log in as.", ("--login", "-l"), SSH, metavar="USER",
+            panel="Access"),
+    Setting("identity", Path, None, "Log in with this private key (the image, the build's --ssh-key, or for root "
+            "a boot-time --ssh-key must let it in; a key with a passphrase must be in ssh-agent), instead of a "
+            "throw-away key given to root as a credential.", ("--identity", "-i"), SSH, metavar="FILE",
+            panel="Access"),
+    Setting("domain_name", str, None, "Name of the libvirt domain (default: c2boot- and the output directory's "
+            "name).", ("--name",), LIBVIRT, metavar="NAME"),
+    Setting("define", bool, False, "Define the domain in your qemu:///session libvirt (no root needed) instead of "
+            "printing its XML; start it with `virsh -c qemu:///session start NAME`.", ("--define",), LIBVIRT),
+    Setting("virt_install", bool, False, "Print the equivalent `virt-install --import` command line instead of "
+            "the XML.", ("--virt-install",), LIBVIRT),
+    Setting("console_log", Path, None, "Also write the domain's serial console to this file.", ("--console-log",),
+            LIBVIRT, metavar="FILE"),
     Setting("workdir", str, None, "The app's working directory (default: the image's WORKDIR, else /).",
             ("--workdir",), MAKING, metavar="DIR", panel="Application"),
     Setting("supplied_kernel", bool, False, "Boot the supplied kernel (and its initrd) even when the image has a "
@@ -209,6 +250,18 @@ class Config:
     cmd: str | None = None
     env: tuple[str, ...] = ()
     user: str | None = None
+    groups: str | None = None
+    hostname: str | None = None
+    ssh_keys: tuple[Path, ...] = ()
+    password_secret: str | None = None
+    cloud_init: Path | None = None
+    cloud: str | None = None
+    login: str = "root"
+    identity: Path | None = None
+    domain_name: str | None = None
+    define: bool = False
+    virt_install: bool = False
+    console_log: Path | None = None
     workdir: str | None = None
     supplied_kernel: bool = False
     kernel_image: str | None = None
@@ -230,7 +283,9 @@ class Config:
             raise C2BootError(f"unknown firmware {self.firmware!r}: use one of {', '.join(FIRMWARES)}")
         if unknown := [f for f in self.formats if f not in DISK_FORMATS]:
             raise C2BootError(f"unknown --format {unknown[0]!r}: use one of {', '.join(DISK_FORMATS)}")
-        if self.formats or self.compress or self.test or self.layout == "installed":
+        if self.cloud is not None and self.cloud not in CLOUDS:
+            raise C2BootError(f"unknown --cloud {self.cloud!r}: use one of {', '.join(CLOUDS)}")
+        if self.formats or self.compress or self.test or self.cloud or self.layout == "installed":
             object.__setattr__(self, "diskimage", True)  # they need disk.img (installed: the root partition)
         if self.layout == "installed":
             if self.netboot:
@@ -275,6 +330,13 @@ class Config:
         for name in ("output", "containerfile", "context", "kernel_root", "cmdline", "append", "cmd", "entrypoint"):
             if "\0" in str(getattr(self, name) or ""):
                 raise C2BootError(f"--{name.replace('_', '-')} contains a NUL character")
+        if self.hostname is not None and not HOSTNAME.fullmatch(self.hostname):
+            raise C2BootError(f"--hostname {self.hostname!r} is not a hostname: use letters, digits and '-' in dot-"
+                              "separated labels, at most 64 characters (e.g. web1 or web1.example.org)")
+        if self.groups is not None and self.user is None:
+            raise C2BootError("--groups adds --user to groups: add --user NAME")
+        if self.define and self.virt_install:
+            raise C2BootError("--define and --virt-install are two ways to hand the domain over: choose one")
         if self.memory_mib < MIN_MEMORY_MIB:
             raise C2BootError(f"--memory {self.memory} is too little to boot: give at least {MIN_MEMORY_MIB}M")
         if self.secrets and self.image:
@@ -347,7 +409,7 @@ def _coerce(setting: Setting, value: Any, where: str) -> Any:
     if setting.repeatable:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise C2BootError(f"{where} must be a list of strings")
-        return tuple(value)
+        return tuple(Path(v) if setting.kind is Path else v for v in value)
     if setting.kind is bool and not isinstance(value, bool):
         raise C2BootError(f"{where} must be true or false")
     expected = str if setting.kind is Path else setting.kind

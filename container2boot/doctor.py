@@ -143,6 +143,17 @@ def boot_tools() -> Iterator[Check]:
     yield ok("KVM", why) if usable else Check("WARN", "KVM", f"{why}; QEMU uses software emulation (slower)")
 
 
+HAND_OVER_TOOLS = (("ssh", "ssh", "c2boot ssh"), ("ssh-keygen", "ssh-keygen", "c2boot ssh's throw-away key"),
+                   ("virsh", "virsh", "c2boot libvirt --define"))
+
+
+def hand_over_tools() -> Iterator[Check]:
+    """What `c2boot ssh` and `c2boot libvirt --define` run; missing ones cost only those commands."""
+    for name, tool, needed_by in HAND_OVER_TOOLS:
+        path = shutil.which(tool)
+        yield ok(name, path) if path else Check("WARN", name, f"not found: install {PACKAGES[tool]} for {needed_by}")
+
+
 def run_checks(output: Path) -> list[Check]:
     """All checks, in the order a build meets them; later checks that need podman are skipped when it is missing."""
     checks = [podman_version()]
@@ -162,4 +173,5 @@ def run_checks(output: Path) -> list[Check]:
     steps.append(lambda: free_space("output", output))
     checks += [step() for step in steps]
     checks += boot_tools()
+    checks += hand_over_tools()
     return checks

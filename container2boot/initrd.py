@@ -51,6 +51,7 @@ class InitrdJob:
 
     dracut_root: Path  # the tree whose dracut runs (the image's own, or the supplied kernel image's)
     dracut_modules: frozenset[str]  # dracut's modules in that tree
+    dracut_version: str | None
     kernel_version: str
     kernel_modules: Path | None = None  # another tree's /usr/lib/modules/VERSION (the image's own kernel)
     root_fstype: str | None = None  # installed layout: the root's filesystem; None: live

@@ -51,6 +51,8 @@ def build_manifest(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "os_release": {k: report.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in report.os_release},
+        "image": {"init": report.init, "systemd_version": report.systemd_version, "sshd": report.sshd,
+                  "cloud_init": report.cloud_init},
         "image_kind": plan.kind,
         "plan": plan.as_json(),
         "supplied_kernel": supplied_kernel,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import bios, formats, lifecycle, rootpartition, supplied
+from container2boot import accounts, bios, clouds, formats, lifecycle, rootpartition, supplied
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.config import Config
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
@@ -24,6 +24,7 @@ from container2boot.rootimage import build_root_image
 from container2boot.run import run
 from container2boot.tree import Tree
 
+CLOUD_FORMATS = {"azure": "vhd", "openstack": "qcow2"}  # clouds whose file is a --format's
 SQUASHFS_RATIO = 0.6  # squashfs.img / the files in it; measured 0.57 for the example with zstd
 
 if TYPE_CHECKING:  # the boot test runs on the host only, not in the rootbuilder's assemble stage
@@ -117,6 +118,8 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                     assert kernel_report.kernel is not None
                     plan = plan.with_kernel_version(kernel_report.kernel.version)
         logger.info("    %s, %s", sources.report.name, plan.describe())
+        for warning in cloud_warnings(sources.report, config):
+            logger.warning("    warning: %s", warning)
         root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
         if root_partition is not None:
             kernel_file = sources.kernel_tree[1].kernel_image_path
@@ -139,33 +142,40 @@ def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootP
     image_modules = None
     if plan.kind == "own-kernel":
         image_modules = sources.report.tree.real_path(f"usr/lib/modules/{plan.kernel_version}")
-    return InitrdJob(dracut_root, dracut_report.dracut_modules, plan.kernel_version, image_modules,
+    return InitrdJob(dracut_root, dracut_report.dracut_modules, dracut_report.dracut_version, plan.kernel_version,
+                     image_modules,
                      root_partition.fstype if root_partition else None, config.netboot, plan.init == "app")
 
 
-def supply(sources: Sources, plan: Plan, scratch: Path, hostname: str) -> Path | None:
-    """The tree of what the build adds to the root (see supplied.py), or None when it adds nothing."""
-    if plan.kind not in ("userland", "app"):
-        return None
+def supply(sources: Sources, plan: Plan, scratch: Path, config: Config) -> supplied.Supplied | None:
+    """What the build adds to the root (see supplied.py and accounts.py), or None when it adds nothing."""
     tree = scratch / "supplied"
     tree.mkdir()
+    left_out: list[str] = []
     if plan.app is not None:
-        supplied.add_app_runtime(tree, plan.app, hostname)
-        supplied.add_os_release(tree, sources.report.tree, hostname)
+        name = config.hostname or hostname(config.source.get("image", ""), sources.report)
+        supplied.add_app_runtime(tree, plan.app, name)
+        supplied.add_os_release(tree, sources.report.tree, name)
         supplied.add_mount_points(tree, sources.report.tree)
-    else:
+    elif plan.kind == "userland":
         _, kernel_report = sources.kernel_tree
         supplied.add_modules(tree, kernel_report.tree.real_path(f"usr/lib/modules/{plan.kernel_version}"),
                              sources.report.tree)
-    return tree
+    if plan.access is not None:
+        left_out = accounts.add_access(sources.root, tree, plan.access, config)
+    if not any(tree.iterdir()) and not left_out:
+        return None
+    return supplied.Supplied(tree, tuple(left_out))
 
 
-def boot_cmdline(plan: Plan, root_partition: rootpartition.RootPartition | None, extra: str) -> str:
-    """The kernel arguments: the layout's root, the app's init (quiet, so the console is the app's), the user's."""
+def boot_cmdline(plan: Plan, job: InitrdJob, root_partition: rootpartition.RootPartition | None,
+                 extra: str) -> str:
+    """The kernel arguments: the layout's root (as the initrd's dracut takes them), the app's init (quiet, so the
+    console is the app's), the user's."""
     if plan.init == "app":
         extra = f"init={supplied.INIT} quiet {extra}".strip()
     if root_partition is None:
-        return live_cmdline(extra)
+        return live_cmdline(extra, job.dracut_version)
     return installed_cmdline(root_partition.partuuid, root_partition.fstype, extra)
 
 
@@ -176,18 +186,22 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     report = sources.report
     boot_dir = staging / "esp" / BOOT_DIR
     boot_dir.mkdir(parents=True)
+    job = initrd_job(sources, plan, root_partition, config)
     entry = BootEntry(
         title=f"{report.name} (container2boot {config.layout})",
         kernel=f"/{BOOT_DIR}/vmlinuz",
         initrd=f"/{BOOT_DIR}/initrd.img",
-        cmdline=boot_cmdline(plan, root_partition, config.cmdline),
+        cmdline=boot_cmdline(plan, job, root_partition, config.cmdline),
     )
     kernel_root, kernel_report = sources.kernel_tree
     shutil.copyfile(kernel_report.kernel_image_path, boot_dir / "vmlinuz")
-    extra = supply(sources, plan, scratch, hostname(config.source.get("image", ""), report))
+    if plan.access is not None:
+        for line in plan.access.describe():
+            logger.info("    %s", line)
+    extra = supply(sources, plan, scratch, config)
     if root_partition is not None and extra is not None:
-        root_partition = dataclasses.replace(root_partition, extra=extra)
-    job = initrd_job(sources, plan, root_partition, config)
+        root_partition = dataclasses.replace(root_partition, extra=extra.tree,
+                                             replaced=(*root_partition.replaced, *extra.left_out))
     with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                      f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
                      f"dracut (kernel {plan.kernel_version})"):
@@ -195,7 +209,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     if root_partition is None:
         with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
             build_root_image(rootfs if extra is None else sources.root, boot_dir / "squashfs.img",
-                             config.compression, extra)
+                             config.compression, extra.tree if extra else None, extra.left_out if extra else ())
     firmware = ["uefi", "bios"] if config.bios else ["uefi"]
     with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
         loader_roots = [sources.root, *([Path("/")] if plan.supplies_kernel else [])]
@@ -228,6 +242,17 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                                     "netboot": config.netboot},
                               disk_images=disk_images, files=files, timings=timer.seconds)
     write_manifest(staging, manifest)
+    if plan.access is not None and plan.access.password:
+        keep_private(staging)
+
+
+def keep_private(staging: Path) -> None:
+    """The root image and the disks carry the password's hash: readable by their owner only, against offline
+    guessing by other users of the host."""
+    logger.info("    the outputs hold the password's hash: they are readable by you only (mode 0600)")
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o600)
 
 
 def hostname(reference: str, report: Report) -> str:
@@ -235,6 +260,21 @@ def hostname(reference: str, report: Report) -> str:
     name = reference.rpartition("/")[2].partition(":")[0].partition("@")[0]
     cleaned = re.sub(r"[^a-z0-9-]+", "-", (name or report.os_release.get("ID", "") or "app").lower()).strip("-")
     return cleaned[:63] or "app"
+
+
+def cloud_warnings(report: Report, config: Config) -> list[str]:
+    """What the image (or the settings) lack for the --cloud it is made for."""
+    if config.cloud is None:
+        return []
+    warnings = clouds.cloud_warnings(report, config.cloud)
+    title = clouds.CLOUDS[config.cloud].title
+    if config.cloud_init is not None:
+        warnings.append(f"--cloud-init embeds a NoCloud seed, which cloud-init may prefer to {title}'s own "
+                        "metadata: leave it out for a cloud image")
+    if config.cloud in ("gce", "azure", "openstack") and not config.bios:
+        warnings.append(f"{title} starts many machine types with BIOS firmware: add --bios so that the disk boots "
+                        "either way")
+    return warnings
 
 
 def output_bytes(image_bytes: int, config: Config) -> int:
@@ -245,7 +285,7 @@ def output_bytes(image_bytes: int, config: Config) -> int:
     if not config.diskimage:
         return esp
     disk = esp + (image_bytes if config.layout == "installed" else 0)
-    copies = len([f for f in dict.fromkeys(config.formats) if f != "raw"])
+    copies = len([f for f in dict.fromkeys(config.formats) if f != "raw"]) + (2 if config.cloud else 0)
     return esp + disk * (1 + copies) * (2 if config.compress else 1)
 
 
@@ -256,6 +296,12 @@ def make_disk_formats(staging: Path, config: Config, timer: StageTimer) -> list[
         with timer.stage("formats", f"Converting disk.img to {', '.join(config.formats)} with qemu-img"):
             disks = formats.convert(staging / "disk.img", config.formats)
     images = [{"format": name, "path": path.name} for name, path in disks]
+    if config.cloud:
+        converted = dict(disks)  # Azure's file is --format vhd's, OpenStack's --format qcow2's: made once
+        with timer.stage("cloud", f"Writing the disk as {clouds.CLOUDS[config.cloud].title} imports it"):
+            cloud_file = converted.get(CLOUD_FORMATS.get(config.cloud, "")) or \
+                formats.cloud_disk(staging / "disk.img", config.cloud)
+        images.append({"format": f"{config.cloud} (cloud)", "path": cloud_file.name})
     if config.compress:
         with timer.stage("compress", f"Compressing {', '.join(p.name for _, p in disks)} ({config.compress})"):
             copies = formats.compress([p for _, p in disks], config.compress)
@@ -338,6 +384,7 @@ def build(config: Config) -> BuildResult:
     result = _result(config.output)
     if not config.test:
         return result
-    boot_report = bootcheck.test(config.output, config)  # the outputs stay either way: they are what failed
+    # The access settings are in the disk already: the test boots it as it is. The outputs stay either way.
+    boot_report = bootcheck.test(config.output, config.replace(ssh_keys=(), hostname=None, cloud_init=None))
     return dataclasses.replace(result, boot_test=boot_report,
                                status="ok" if boot_report.ok else "boot test failed")

@@ -18,6 +18,8 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from container2boot import access
+from container2boot.access import Access
 from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.rootfs import Report
@@ -99,6 +101,7 @@ class Plan:
     initrd: str  # "image": the image's dracut makes it; "supplied": the kernel image's dracut does
     init: str  # "image" or "app"
     app: App | None = None
+    access: Access | None = None  # a machine's (not an app's): keys, user, hostname, what is reset
 
     @property
     def supplies_kernel(self) -> bool:
@@ -126,6 +129,7 @@ class Plan:
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["description"] = self.describe()
+        data["access"] = self.access.as_json() if self.access else None
         return data
 
 
@@ -248,11 +252,23 @@ def decide(report: Report, image: ImageConfig, config: Config) -> Plan:
     check_architecture(report, image)
     app_mode = config.app or report.init == "none"
     overrides = [flag for flag, value in (("--entrypoint", config.entrypoint), ("--cmd", config.cmd),
-                                          ("--env", config.env or None), ("--user", config.user),
-                                          ("--workdir", config.workdir)) if value is not None]
+                                          ("--env", config.env or None), ("--workdir", config.workdir))
+                 if value is not None]
     if overrides and not app_mode:
         raise C2BootError(f"{overrides[0]} configures an application image's command, and {report.name} boots its "
                           f"own init ({report.init}): add --app to run the command instead of the init")
+    machine_only = [flag for flag, value in (("--ssh-key", config.ssh_keys or None), ("--groups", config.groups),
+                                             ("--password-secret", config.password_secret),
+                                             ("--cloud-init", config.cloud_init)) if value is not None]
+    if machine_only and app_mode:
+        raise C2BootError(f"{machine_only[0]} sets up logins of a machine, and {report.name} is run as an "
+                          "application image (its command, no logins): drop it")
+    plan = decide_kind(report, image, config, app_mode)
+    return plan if app_mode else dataclasses.replace(plan, access=access.decide(report, config))
+
+
+def decide_kind(report: Report, image: ImageConfig, config: Config, app_mode: bool) -> Plan:
+    """What kind of image `report`'s is, and so what the build supplies."""
     broken = [k for k in report.kernels if k.image is not None and not k.has_modules]
     if report.kernel is None and broken and not config.supplied_kernel:
         raise C2BootError(f"{report.name} has kernel {broken[0].version} (/{broken[0].image}) but no modules "

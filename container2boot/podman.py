@@ -25,6 +25,7 @@ from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
 from container2boot import lifecycle
+from container2boot.access import parse_secret
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import StageTimer, logger
@@ -36,6 +37,7 @@ from container2boot.tree import Tree
 ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
 KERNEL_REPO = "localhost/container2boot/kernel"
 KERNEL_ROOT = "/kernel"  # where the assemble container sees the kernel image
+INPUTS = "/run/c2boot-inputs"  # where it sees the files the settings name (keys, user-data, the password)
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
 CUSTOM_MACHINE_TAG = "localhost/container2boot/custom:latest"
 SERVICE_START_SECONDS = 30
@@ -76,17 +78,6 @@ def check_subordinate_ids(user: str, uid: int) -> None:
             )
 
 
-def parse_secret(spec: str) -> tuple[str, Path]:
-    """`id=ID,src=PATH` (podman build --secret syntax) -> (ID, absolute PATH), checked to exist."""
-    fields = dict(part.partition("=")[::2] for part in spec.split(","))
-    if not fields.get("id") or not fields.get("src"):
-        raise C2BootError(f"--secret {spec!r}: write it as id=ID,src=PATH")
-    src = Path(fields["src"]).expanduser().absolute()
-    if not src.is_file():
-        raise C2BootError(f"--secret {spec!r}: {src} is not a readable file")
-    return fields["id"], src
-
-
 def build_inputs(config: Config) -> tuple[Path, Path]:
     """The Containerfile and build context of the machine image, checked (with the --secret's) before anything
     starts; without --file, the bundled example's."""
@@ -112,6 +103,22 @@ def debian_suite(reference: str) -> str | None:
     if "/" in tag or name.split("/")[-1] != "debian":
         return None
     return tag or None
+
+
+def debian_bases(containerfile: str) -> list[str]:
+    """The `FROM debian:SUITE` images of a Containerfile (no build arguments, no earlier stages), which
+    ensure_base_image can bootstrap when no registry has them."""
+    stages: set[str] = set()
+    found = []
+    for line in containerfile.splitlines():
+        words = [w for w in line.split() if not w.startswith("--")]
+        if len(words) >= 2 and words[0].upper() == "FROM":
+            reference = words[1]
+            if len(words) >= 4 and words[2].upper() == "AS":
+                stages.add(words[3].lower())
+            if reference.lower() not in stages and "$" not in reference and debian_suite(reference):
+                found.append(reference)
+    return list(dict.fromkeys(found))
 
 
 def context_tar(context: Path, containerfile: Path, dest: Path, extra: Mapping[str, Path]) -> str:
@@ -328,6 +335,9 @@ class Session:
                 self.ensure_base_image(config.base_image, config.mirror)
                 if not any(parse_secret(s)[0] == "chpass" for s in build_secrets):
                     build_secrets.append(self._demo_credentials())
+            else:  # a Debian base that no registry serves here is bootstrapped, as the bundled images' is
+                for reference in debian_bases(containerfile.read_text(errors="replace")):
+                    self.ensure_base_image(reference, config.mirror)
             self.build_image(context, containerfile, tag, {"BASE": config.base_image} if example else {},
                              build_secrets)
         found = self.image(tag)
@@ -370,13 +380,16 @@ class Session:
         if kernel_image is not None:
             volumes.append({"source": kernel_image, "destination": KERNEL_ROOT, "rw": False})
             config = config.replace(kernel_root=Path(KERNEL_ROOT))
+        inputs, config = container_inputs(config)
         args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
         try:  # an HTTP error is an OSError too: it must not pass for a failed write
             container = self.client.containers.create(
                 rootbuilder,
                 command=args,
                 image_volumes=volumes,
-                mounts=[{"type": "bind", "source": str(staging), "target": "/out"}],
+                mounts=[{"type": "bind", "source": str(staging), "target": "/out"},
+                        *({"type": "bind", "source": str(host), "target": inside, "read_only": True}
+                          for host, inside in inputs)],
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
                              "C2BOOT_KERNEL_IMAGE": kernel_image or ""},
@@ -404,6 +417,22 @@ class Session:
                 raise C2BootError(error or f"the assemble container exited with status {code}")
         finally:
             remove_container(container)
+
+
+def container_inputs(config: Config) -> tuple[list[tuple[Path, str]], Config]:
+    """The files the settings name on the host (SSH keys, cloud-init user-data, the password secret), each mounted
+    read-only into the assemble container, and the settings with the paths it sees them at."""
+    inputs = [(path.expanduser().absolute(), f"{INPUTS}/ssh-key-{index}.pub")
+              for index, path in enumerate(config.ssh_keys)]
+    changes: dict[str, Any] = {"ssh_keys": tuple(Path(inside) for _, inside in inputs)}
+    if config.cloud_init is not None:
+        inputs.append((config.cloud_init.expanduser().absolute(), f"{INPUTS}/user-data"))
+        changes["cloud_init"] = Path(inputs[-1][1])
+    if config.password_secret is not None:
+        secret_id, src = parse_secret(config.password_secret, "--password-secret")
+        inputs.append((src, f"{INPUTS}/password"))
+        changes["password_secret"] = f"id={secret_id},src={inputs[-1][1]}"
+    return inputs, config.replace(**changes)
 
 
 def remove_container(container: Any) -> None:

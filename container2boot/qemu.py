@@ -125,6 +125,22 @@ class VirtualMachine:
     reboot: bool = False  # False: a reboot ends QEMU, as a test wants
     serial: Sequence[str] = ()  # -serial backends, the console first; none: the console on stdio
     credentials: Mapping[str, bytes] = field(default_factory=dict)  # systemd credentials, via SMBIOS type 11
+    seed: Path | None = None  # a cloud-init NoCloud seed volume, attached read-only
+
+
+CONCATENATED_CREDENTIALS = ("tmpfiles.extra", "sysusers.extra", "ssh.authorized_keys.root")  # lines add up
+
+
+def merge_credentials(*sets: Mapping[str, bytes]) -> dict[str, bytes]:
+    """Credentials from several sources: the line-based ones are joined, for the others the last source wins."""
+    merged: dict[str, bytes] = {}
+    for credentials in sets:
+        for name, value in credentials.items():
+            if name in CONCATENATED_CREDENTIALS and name in merged:
+                merged[name] = merged[name].rstrip(b"\n") + b"\n" + value
+            else:
+                merged[name] = value
+    return merged
 
 
 def disk_format(disk: Path) -> str:
@@ -175,14 +191,19 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
         # snapshot=on: the built image is never written to; the guest's writes go to a temporary overlay.
         argv += ["-drive", f"file={vm.disk},format={disk_format(vm.disk)},if=virtio,"
                            f"snapshot={'on' if vm.snapshot else 'off'}"]
+    if vm.seed is not None:
+        argv += ["-drive", f"file={vm.seed},format=raw,if=virtio,readonly=on"]
     ports = ((vm.ssh_port, 22),) if vm.ssh_port else ()
     forward = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in (*ports, *vm.ports))
     argv += ["-nic", f"user,model=virtio-net-pci{forward}"]
     if vm.kernel is not None:
         argv += ["-kernel", str(vm.kernel), "-append", vm.append]
         argv += ["-initrd", str(vm.initrd)] if vm.initrd else []
-    for name, value in vm.credentials.items():
-        argv += ["-smbios", f"type=11,value=io.systemd.credential.binary:{name}={base64.b64encode(value).decode()}"]
+    for index, (name, value) in enumerate(vm.credentials.items()):
+        # A file each, so that commas and long values need no escaping on QEMU's command line.
+        credential = scratch / f"credential-{index}"
+        credential.write_bytes(f"io.systemd.credential.binary:{name}=".encode() + base64.b64encode(value))
+        argv += ["-smbios", f"type=11,path={credential}"]
     if vm.firmware in ("uefi", "secure-boot"):
         code, variables = find_ovmf(secure_boot=vm.firmware == "secure-boot")
         writable_vars = scratch / "OVMF_VARS.fd"

@@ -9,7 +9,7 @@ from typing import Any
 
 from container2boot.bootloader import SIGNED_LOADERS
 from container2boot.errors import C2BootError
-from container2boot.tree import Tree
+from container2boot.tree import DPKG_STATUS, Tree
 
 FAMILIES = {"debian": "Debian/Ubuntu", "ubuntu": "Debian/Ubuntu", "fedora": "Fedora", "rhel": "RHEL/Alma/Rocky",
             "arch": "Arch", "alpine": "Alpine"}
@@ -38,6 +38,25 @@ NETWORK_MODULES = ("network", "network-legacy", "network-manager", "systemd-netw
 ELF_MACHINES = {0x3E: "x86_64", 0xB7: "aarch64", 0x03: "i386", 0x28: "arm", 0xF3: "riscv64", 0x15: "ppc64",
                 0x16: "s390x"}
 SELINUX_TYPE = re.compile(r"^SELINUXTYPE=(\S+)", re.MULTILINE)
+SSHD = ("usr/sbin/sshd", "sbin/sshd")
+# A DHCP client, or a network manager with one built in: dhclient, dhcpcd, busybox's udhcpc, systemd-networkd,
+# NetworkManager. Without one a machine gets no address on a cloud's network.
+DHCP_CLIENTS = ("usr/sbin/dhclient", "sbin/dhclient", "usr/sbin/dhcpcd", "sbin/dhcpcd", "usr/bin/dhcpcd",
+                "usr/sbin/udhcpc", "sbin/udhcpc", "usr/bin/udhcpc", "bin/udhcpc", "usr/lib/systemd/systemd-networkd",
+                "usr/sbin/NetworkManager")
+CLOUD_CONFIG = "etc/cloud/cloud.cfg"
+CLOUD_CONFIG_DIR = "etc/cloud/cloud.cfg.d"
+# datasource_list as a flow list ([A, B]) or a block list (lines of "- A"), at the top level of a cloud-init config.
+DATASOURCE_LIST = re.compile(r"^datasource_list[ \t]*:[ \t]*(?:\[(?P<flow>[^\]]*)\]|(?P<block>(?:\n[ \t]*-[^\n]*)+))",
+                             re.MULTILINE)
+YAML_COMMENT = re.compile(r"(^|\s)#.*$", re.MULTILINE)
+# systemd's private library carries its version in its name: libsystemd-shared-257.so (Debian: in the multiarch
+# directory), libsystemd-shared-256.11-1.fc41.so (Fedora: in lib64).
+SYSTEMD_SHARED = re.compile(r"libsystemd-shared-(\d+)([.~-][^/]*)?\.so")
+SYSTEMD_LIBRARY_DIRS = ("usr/lib/systemd", "usr/lib64/systemd")
+MULTIARCH = re.compile(r"[a-z0-9_]+-linux-[a-z0-9_]+")
+DPKG_FIELD = re.compile(r"^([\w-]+): *(.*)$", re.MULTILINE)
+DPKG_VERSION = re.compile(r"(?:\d+:)?(\d+)")  # an epoch, then the upstream version's first number
 
 
 @dataclass(frozen=True)
@@ -76,6 +95,11 @@ class Report:
     curl: bool = False  # dracut's livenet downloads the root image with it
     passwd: str = ""  # /etc/passwd and /etc/group: the app's user is looked up there
     group: str = ""
+    sshd: bool = False
+    cloud_init: bool = False
+    cloud_datasources: tuple[str, ...] | None = None  # cloud-init's datasource_list; None: it tries all it knows
+    dhcp_client: bool = False
+    systemd_version: int | None = None  # of the systemd that boots; None: the init is not systemd
     tree: Tree = field(default_factory=lambda: Tree({}, {}), compare=False, repr=False)
 
     @property
@@ -161,6 +185,11 @@ class Report:
             "secure_boot_loader": self.signed_loader,
             "selinux_policy": self.selinux_policy,
             "bootc": self.bootc,
+            "sshd": self.sshd,
+            "cloud_init": self.cloud_init,
+            "cloud_datasources": None if self.cloud_datasources is None else list(self.cloud_datasources),
+            "dhcp_client": self.dhcp_client,
+            "systemd_version": self.systemd_version,
             "size_bytes": self.size_bytes,
             "layout": layout,
             "missing": [{"what": n, "package": PACKAGES[n].get(self.family)} for n in needs],  # to boot on its own
@@ -249,16 +278,69 @@ def find_selinux_policy(tree: Tree) -> str | None:
     return None
 
 
+def find_cloud_init(tree: Tree) -> bool:
+    """Its command, or its Python package (cloudinit) where a distribution or pip put it."""
+    if tree.is_file("usr/bin/cloud-init"):
+        return True
+    packages = [f"{lib}/{python}/{where}" for lib in ("usr/lib", "usr/local/lib") for python in tree.listdir(lib)
+                if python.startswith("python3") for where in ("dist-packages", "site-packages")]
+    return any(tree.is_dir(f"{directory}/cloudinit") for directory in packages)
+
+
+def parse_datasource_list(text: str) -> tuple[str, ...] | None:
+    """The datasource_list one cloud-init config file sets, or None when it sets none."""
+    match = DATASOURCE_LIST.search(YAML_COMMENT.sub("", text))
+    if match is None:
+        return None
+    return tuple(re.findall(r"\w+", match.group("flow") or match.group("block") or ""))
+
+
+def find_cloud_datasources(tree: Tree) -> tuple[str, ...] | None:
+    """The datasources cloud-init may use: it merges cloud.cfg and then cloud.cfg.d/*.cfg in name order, so the last
+    file that sets datasource_list decides. None: no file restricts them."""
+    files = [CLOUD_CONFIG, *(f"{CLOUD_CONFIG_DIR}/{name}" for name in tree.listdir(CLOUD_CONFIG_DIR)
+                             if name.endswith(".cfg"))]
+    found = None
+    for path in files:
+        if (listed := parse_datasource_list(tree.read_text(path) or "")) is not None:
+            found = listed
+    return found
+
+
+def find_systemd_version(tree: Tree, init: str) -> int | None:
+    """The booted systemd's version, from its private library's name; else from the systemd package in dpkg's
+    status (the library's name was not always versioned)."""
+    if init != "systemd":
+        return None
+    multiarch = [f"usr/lib/{name}/systemd" for name in tree.listdir("usr/lib") if MULTIARCH.fullmatch(name)]
+    for directory in (*SYSTEMD_LIBRARY_DIRS, *multiarch):
+        for name in tree.listdir(directory):
+            if match := SYSTEMD_SHARED.fullmatch(name):
+                return int(match.group(1))
+    return dpkg_major_version(tree, "systemd")
+
+
+def dpkg_major_version(tree: Tree, package: str) -> int | None:
+    """The upstream major version of an installed Debian package (252 for 252.39-1~deb12u1)."""
+    for stanza in (tree.read_text(DPKG_STATUS) or "").split("\n\n"):
+        fields = dict(DPKG_FIELD.findall(stanza))
+        if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
+            version = DPKG_VERSION.match(fields.get("Version", ""))
+            return int(version.group(1)) if version else None
+    return None
+
+
 def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str | None = None) -> Report:
     """Everything `c2boot inspect` reports about a tree; `labels` and `architecture` come from the image's
     metadata when there is an image."""
     dracut_version, dracut_modules = find_dracut(tree)
+    init = find_init(tree)
     signed = next((s.vendor for s in SIGNED_LOADERS if tree.is_file(s.shim) and tree.is_file(s.grub)), None)
     return Report(
         os_release=parse_os_release(tree.read_text("etc/os-release") or tree.read_text("usr/lib/os-release") or ""),
         architecture=find_architecture(tree) or architecture,
         kernels=find_kernels(tree),
-        init=find_init(tree),
+        init=init,
         dracut_version=dracut_version,
         dracut_modules=dracut_modules,
         initramfs_tools=tree.is_file("usr/sbin/mkinitramfs") or tree.is_file("sbin/mkinitramfs"),
@@ -269,6 +351,11 @@ def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str 
         curl=any(tree.is_file(f"{d}/curl") for d in ("usr/bin", "bin")),
         passwd=tree.read_text("etc/passwd") or "",
         group=tree.read_text("etc/group") or "",
+        sshd=any(tree.is_file(path) for path in SSHD),
+        cloud_init=find_cloud_init(tree),
+        cloud_datasources=find_cloud_datasources(tree),
+        dhcp_client=any(tree.is_file(path) for path in DHCP_CLIENTS),
+        systemd_version=find_systemd_version(tree, init),
         tree=tree,
     )
 

@@ -5,6 +5,8 @@ hard links, symlinks and extended attributes (security.capability included) exac
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from container2boot.run import require_tool, run, run_pipe
@@ -20,19 +22,15 @@ def tar2sqfs_command(dest: Path, compression: str) -> list[str]:
     return [require_tool("tar2sqfs"), "--quiet", "--no-skip", "--force", "--compressor", compression, str(dest)]
 
 
-def build_root_image(source: Path, dest: Path, compression: str, extra: Path | None = None) -> None:
+def build_root_image(source: Path, dest: Path, compression: str, extra: Path | None = None,
+                     left_out: tuple[str, ...] = ()) -> None:
     """Pack `source` (a rootfs directory or a tar of one) into the squashfs file `dest`; with `extra` (a
-    directory), its files are added after the rootfs's (it only adds: directories the rootfs has are not
-    repeated, and no file of the rootfs is replaced)."""
+    directory), its files are added after the rootfs's (directories the rootfs has are not repeated), and the
+    rootfs's `left_out` paths (those `extra` replaces, or that are reset) are not packed."""
     if extra is not None:
         assert source.is_dir(), "files are added to a rootfs directory"
-        listing = extra.parent / f"{extra.name}.files"
-        listing.write_bytes(b"".join(f"{p}\0".encode() for p in added_paths(source, extra)))
-        try:
-            run_pipe([*TAR_CREATE, "--directory", str(source), ".", "--no-recursion", "--null",
-                      "--directory", str(extra), f"--files-from={listing}"], tar2sqfs_command(dest, compression))
-        finally:
-            listing.unlink()
+        with merged_tar_command(source, extra, left_out) as tar:
+            run_pipe(tar, tar2sqfs_command(dest, compression))
     elif source.is_dir():
         run_pipe([*TAR_CREATE, "--directory", str(source), "."], tar2sqfs_command(dest, compression))
     else:
@@ -40,8 +38,23 @@ def build_root_image(source: Path, dest: Path, compression: str, extra: Path | N
             run(tar2sqfs_command(dest, compression), stdin=stream.fileno())
 
 
+@contextmanager
+def merged_tar_command(source: Path, extra: Path, left_out: tuple[str, ...]) -> Iterator[list[str]]:
+    """tar writing `source` without its `left_out` paths, then `extra`'s files, as one stream. Exclusions match
+    every member, so the added files are listed as EXTRA/... and renamed to ./... on the way."""
+    listing = extra.parent / f"{extra.name}.files"
+    listing.write_bytes(b"".join(f"{extra.name}/{p}\0".encode() for p in added_paths(source, extra)))
+    excludes = ["--anchored", "--no-wildcards", *(f"--exclude=./{path}" for path in left_out)]
+    try:
+        yield [*TAR_CREATE, *excludes, f"--transform=s,^{extra.name}/,./,S", "--directory", str(source), ".",
+               "--no-recursion", "--null", "--verbatim-files-from", "--directory", str(extra.parent),
+               f"--files-from={listing}"]
+    finally:
+        listing.unlink()
+
+
 def added_paths(source: Path, extra: Path) -> list[str]:
-    """Paths of `extra` (./relative) to add to `source`: all but the directories `source` has already."""
+    """Paths of `extra` (relative) to add to `source`: all but the directories `source` has already."""
     paths = []
     for directory, dirs, files in os.walk(extra):
         relative = os.path.relpath(directory, extra)
@@ -50,5 +63,5 @@ def added_paths(source: Path, extra: Path) -> list[str]:
             if name in dirs and os.path.isdir(os.path.join(source, path)) and \
                     not os.path.islink(os.path.join(source, path)):
                 continue
-            paths.append(f"./{path}")
+            paths.append(path)
     return paths

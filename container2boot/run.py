@@ -26,6 +26,7 @@ PACKAGES: Mapping[str, str] = {
     "mkfs.erofs": "erofs-utils",
     "grub-mkimage": "grub-efi-amd64-bin (Debian) / grub2-tools (Fedora)",
     "mcopy": "mtools",
+    "mformat": "mtools",
     "mkfs.vfat": "dosfstools",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
@@ -40,8 +41,22 @@ PACKAGES: Mapping[str, str] = {
     "qemu-img": "qemu-utils (Debian) / qemu-img (Fedora)",
     "xz": "xz-utils",
     "zstd": "zstd",
+    "gzip": "gzip",
     "mdir": "mtools",
+    "openssl": "openssl",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "virsh": "libvirt-clients (Debian) / libvirt-client (Fedora)",
 }
+
+# dracut's live module (dmsquash-live) changed how it is asked for a tmpfs overlay. dracut-ng (100 and newer) takes
+# an image with /usr at its top as an overlayfs root by itself, and wants rd.live.overlay.readonly so that it does
+# not wait for a persistent overlay. dracut 059 (Debian 12) uses overlayfs only when asked, and reads
+# rd.live.overlay.readonly as a persistent overlay's mode: without one, its sysroot.mount fails ("overlayfs:
+# failed to resolve '/run/overlayfs'") and the boot ends in the emergency shell. Asked with
+# rd.live.overlay.overlayfs=1, 059's first sysroot.mount still fails the same way (its overlay directories are made
+# by a mount hook that runs after it: a dracut 059 bug), and that hook then mounts the root: the boot goes on.
+DRACUT_NG = (100,)
 
 ERROR_TAIL_LINES = 20  # shown with --verbose when a tool fails
 
@@ -66,18 +81,24 @@ def run(
     cwd: Path | None = None,
     name: str | None = None,
     check: bool = True,
+    interactive: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
 
     Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
     `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin; `name` is what
     errors call the tool when argv[0] is only a wrapper around it; with `check` False the caller judges the exit
-    status.
+    status; `interactive` gives the tool this terminal (stdin, stdout and stderr), as `c2boot ssh` does.
     """
     args = [str(a) for a in argv]
     tool = name or Path(args[0]).name
     require_tool(args[0])
     logger.debug("$ %s", shlex.join(args))
+    if interactive:
+        try:
+            return subprocess.run(args, env=None if env is None else dict(env), cwd=cwd, check=False, text=True)
+        except OSError as e:
+            raise C2BootError(f"{tool} could not be started: {e}") from e
     try:
         result = subprocess.run(
             args,
@@ -152,6 +173,19 @@ def tool_version_line(name: str) -> str | None:
 def tool_version(name: str) -> tuple[int, ...]:
     """The version of `name`; a tool that cannot even report it fails with its own message."""
     return parse_version(version_line(name))
+
+
+def is_dracut_ng(dracut_version: str | None) -> bool:
+    """dracut-ng (100 and newer); an unknown version is taken as a current one."""
+    try:
+        return parse_version(dracut_version or "") >= DRACUT_NG
+    except C2BootError:
+        return True
+
+
+def dracut_live_overlay_args(dracut_version: str | None) -> str:
+    """The kernel arguments for a tmpfs overlay over the live root with the dracut that made the initrd."""
+    return "rd.live.overlay.readonly" if is_dracut_ng(dracut_version) else "rd.live.overlay.overlayfs=1"
 
 
 def check_version(name: str, version: tuple[int, ...] | None = None) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
-"""What a build adds to the image's root, as a separate tree copied in after the image's files (never over them):
-the supplied kernel's modules for a userland without a kernel, and for an application image container2boot's init
-under /container2boot.
+"""What a build adds to the image's root, as a separate tree copied in after the image's files: the supplied
+kernel's modules for a userland without a kernel, and for an application image container2boot's init under
+/container2boot. (The login files of accounts.py go into the same tree; the image's files they replace are left
+out of the root, never overwritten in the image.)
 
 The init is glue around static programs from Debian's packages, so that it depends on nothing in the image (an
 image FROM scratch has no shell, no libc, no passwd): busybox (its shell runs the init script; mount, ip, udhcpc,
@@ -10,6 +11,7 @@ app's user). They come from the system that runs the assemble stage: the rootbui
 
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from container2boot.errors import C2BootError
@@ -28,6 +30,14 @@ PACKAGES = "busybox-static tini gosu"
 STOP_GRACE_SECONDS = 10  # after the stop signal, before SIGKILL (podman stop's default)
 APPLETS = ("cat", "dd", "echo", "env", "grep", "hostname", "ip", "kill", "ln", "mkdir", "mount", "poweroff",
            "printf", "sed", "sh", "sleep", "sync", "udhcpc")  # what the init and its udhcpc hook call
+
+
+@dataclass(frozen=True)
+class Supplied:
+    """The tree of files the build adds to the root, and the image's paths it replaces or resets (left out)."""
+
+    tree: Path
+    left_out: tuple[str, ...] = ()
 
 
 def modules_dir(tree: Tree) -> str:

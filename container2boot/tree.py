@@ -19,8 +19,10 @@ HEADER_BYTES = 64  # enough of an ELF header for its machine field
 # Small files whose contents inspection reads; everything else is known by name, type and size only.
 CONTENT_FILES = frozenset({
     "etc/os-release", "usr/lib/os-release", "usr/lib/dracut/dracut-version.sh", "etc/selinux/config",
-    "etc/passwd", "etc/group",
+    "etc/passwd", "etc/group", "etc/cloud/cloud.cfg",
 })
+CLOUD_CONFIG_DROPIN = re.compile(r"etc/cloud/cloud\.cfg\.d/[^/]+\.cfg")  # cloud-init's datasource_list may be here
+DPKG_STATUS = "var/lib/dpkg/status"  # the systemd version when no library name tells it; large on big images
 HEADER_DIRS = ("usr/bin/", "bin/", "usr/lib/systemd/")  # the init and shell, for the architecture
 KERNEL_IMAGE = re.compile(r"boot/vmlinuz-[^/]+|(usr/)?lib/modules/[^/]+/vmlinuz")
 KERNEL_HEADER_BYTES = 0x210  # through the x86 boot protocol's "HdrS" magic
@@ -160,8 +162,10 @@ def _entry(mode: int, size: int, target: str) -> Entry:
 def _wanted_bytes(path: str) -> int:
     """How much of a file to keep: all of the small config files, the header of binaries and kernels, nothing
     else."""
-    if path in CONTENT_FILES:
+    if path in CONTENT_FILES or CLOUD_CONFIG_DROPIN.fullmatch(path):
         return 1024 * 1024
+    if path == DPKG_STATUS:
+        return 64 * 1024 * 1024
     if path.startswith(HEADER_DIRS):
         return HEADER_BYTES
     if KERNEL_IMAGE.fullmatch(path):

@@ -1,20 +1,22 @@
 """What `c2boot run` and `c2boot test` boot: an output directory (or a disk image in any --format) and the
 settings become one qemu.VirtualMachine; a network boot also gets its HTTP server for as long as QEMU runs."""
 
+import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from container2boot import netboot
+from container2boot import access, lifecycle, netboot, seed
 from container2boot.bootloader import BOOT_DIR
 from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.output import MANIFEST
 from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine, check_disk_image
+from container2boot.templates import render
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,71 @@ def _kernel_files(built: Built) -> tuple[Path, Path]:
     return kernel, initrd
 
 
+def boot_credentials(config: Config, root_keys: Sequence[str] = ()) -> dict[str, bytes]:
+    """Access given at boot, the disk untouched: systemd credentials for root's SSH keys (--ssh-key's and
+    `root_keys`; systemd 252+) and the hostname (254+).
+
+    systemd's provision.conf writes `ssh.authorized_keys.root` only where root has no authorized_keys; a build (or
+    an image) that gave root keys of its own would shut these out. So the keys also go to root's authorized_keys2,
+    which sshd reads too unless its AuthorizedKeysFile says otherwise, through a tmpfiles.extra line."""
+    credentials = {}
+    if keys := [*(key for path in config.ssh_keys for key in access.read_public_keys(path)), *root_keys]:
+        text = "\n".join(keys) + "\n"
+        credentials["ssh.authorized_keys.root"] = text.encode()
+        credentials["tmpfiles.extra"] = render("root-keys.tmpfiles.j2",
+                                               keys_base64=base64.b64encode(text.encode()).decode()).encode()
+    if config.hostname:
+        credentials["system.hostname"] = config.hostname.encode()
+    return credentials
+
+
+def boot_features_missing(built: Built, config: Config) -> list[str]:
+    """Boot-time access the build's systemd cannot take (from the manifest's record of the image)."""
+    image = built.manifest.get("image") or {}
+    if not image:
+        return []
+    version = image.get("systemd_version") if image.get("init") == "systemd" else None
+    missing = []
+    if config.ssh_keys and (version is None or version < 252):
+        missing.append("--ssh-key at boot needs systemd 252 or newer")
+    if config.hostname and (version is None or version < 254):
+        missing.append("--hostname at boot needs systemd 254 or newer (build with --hostname instead)")
+    if config.cloud_init and not image.get("cloud_init"):
+        missing.append("--cloud-init needs cloud-init in the image")
+    return missing
+
+
 @contextmanager
-def machine(target: Path, config: Config) -> Iterator[tuple[VirtualMachine, str, Built]]:
-    """The virtual machine for `target` and how it boots (disk, direct or network)."""
+def machine(target: Path, config: Config, root_keys: Sequence[str] = ()) -> Iterator[tuple[VirtualMachine, str,
+                                                                                             Built]]:
+    """The virtual machine for `target` and how it boots (disk, direct or network), with the access given at boot
+    (credentials, with `root_keys` for root besides --ssh-key's; a cloud-init seed volume)."""
     built = locate(target)
     check_firmware(built, config.firmware)
-    common: dict[str, Any] = {"firmware": config.firmware, "memory_mib": config.memory_mib, "cpus": config.cpus,
-                              "ssh_port": config.ssh_port, "ports": config.published_ports}
+    for missing in boot_features_missing(built, config):
+        logger.warning("    warning: %s: %s has %s", missing, built.out, image_init(built))
+    credentials = boot_credentials(config, root_keys)
+    user_data = seed.read_user_data(config.cloud_init) if config.cloud_init is not None else None
+    with lifecycle.temporary_directory("c2boot-seed-") as tmp:
+        seed_volume = None
+        if user_data is not None:
+            meta = seed.meta_data(seed.instance_id(user_data, config.hostname), config.hostname)
+            seed_volume = seed.make_seed(user_data, meta, tmp / "seed.img")
+        common: dict[str, Any] = {"firmware": config.firmware, "memory_mib": config.memory_mib, "cpus": config.cpus,
+                                  "ssh_port": config.ssh_port, "ports": config.published_ports,
+                                  "credentials": credentials, "seed": seed_volume}
+        with _machine(built, config, common) as found:
+            yield found
+
+
+def image_init(built: Built) -> str:
+    image = built.manifest.get("image") or {}
+    version = image.get("systemd_version")
+    return f"systemd {version}" if image.get("init") == "systemd" and version else str(image.get("init", "?"))
+
+
+@contextmanager
+def _machine(built: Built, config: Config, common: dict[str, Any]) -> Iterator[tuple[VirtualMachine, str, Built]]:
     if config.boot_from_network:
         kernel, initrd = _kernel_files(built)
         with netboot.serving(netboot.boot_files(built.out, built.manifest), "127.0.0.1", 0, quiet=True) as server:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from container2boot.doctor import boot_tools, free_space, podman_version, subordinate_ids
+from container2boot.doctor import boot_tools, free_space, hand_over_tools, podman_version, subordinate_ids
 from container2boot.rootfs import examine
 from container2boot.tree import Tree
 from tests.conftest import c2boot
@@ -152,6 +152,9 @@ def test_doctor_without_podman_or_qemu_on_path(monkeypatch: pytest.MonkeyPatch, 
     assert check.status == "FAIL" and "podman not found: install podman" in check.detail
     [qemu] = list(boot_tools())
     assert qemu.status == "WARN" and "install qemu-system-x86" in qemu.detail
+    ssh, keygen, virsh = hand_over_tools()
+    assert ssh.status == keygen.status == virsh.status == "WARN"
+    assert "install openssh-client for c2boot ssh" in ssh.detail and "libvirt-clients" in virsh.detail
 
 
 def test_doctor_cli_exit_status_follows_the_checks(tmp_path: Path) -> None:

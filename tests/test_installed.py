@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from container2boot.bootloader import installed_cmdline
+from container2boot.bootloader import installed_cmdline, live_cmdline
 from container2boot.config import Config, parse_size
 from container2boot.disk import MiB, check_disk_size, disk_size_needed, render_definitions
 from container2boot.errors import C2BootError
@@ -130,11 +130,17 @@ def test_installed_kernel_command_line_finds_root_by_partuuid_read_write() -> No
 def test_installed_initrd_has_the_filesystem_driver_and_no_live_modules(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "root", live=False)
     report = examine_directory(root)
-    argv = dracut_command(InitrdJob(root, report.dracut_modules, "6.12.1-amd64", root_fstype="ext4"))
+    argv = dracut_command(InitrdJob(root, report.dracut_modules, "106", "6.12.1-amd64", root_fstype="ext4"))
     assert "dmsquash-live" not in " ".join(argv) and "--add" not in argv
     assert argv[argv.index("--add-drivers") + 1].split()[-1] == "ext4"
-    live = dracut_command(InitrdJob(root, report.dracut_modules, "6.12.1-amd64"))
+    live = dracut_command(InitrdJob(root, report.dracut_modules, "106", "6.12.1-amd64"))
     assert live[live.index("--add") + 1] == "dmsquash-live"
+
+
+def test_dracut_059_gets_its_own_live_arguments() -> None:
+    assert "rd.live.overlay.overlayfs=1" in live_cmdline("", "059")
+    assert "rd.live.overlay.readonly" in live_cmdline("", "106") and "overlayfs=1" not in live_cmdline("", "107")
+    assert "rd.live.overlay.readonly" in live_cmdline("", None)  # unknown: a current dracut
 
 
 def test_an_image_without_the_live_module_can_still_be_installed(tmp_path: Path) -> None:

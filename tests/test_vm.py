@@ -77,13 +77,16 @@ def test_secure_boot_uses_smm_secboot_firmware_and_a_writable_variables_copy(tmp
 
 def test_bios_direct_kernel_ssh_forward_and_credentials(tmp_path: Path) -> None:
     machine = VirtualMachine(Path("/x/disk.img"), firmware="bios", kernel=Path("/k"), initrd=Path("/i"),
-                             append="quiet", ssh_port=2222, credentials={"a.b": b"[Unit]\n"}, memory_mib=1024)
+                             append="quiet", ssh_port=2222, credentials={"a.b": b"[Unit]\n", "c": b"x,y"},
+                             memory_mib=1024)
     argv = qemu_command(machine, tmp_path)
     assert not any("pflash" in a for a in argv)
     assert argv[argv.index("-kernel") + 1 :][:4] == ["/k", "-append", "quiet", "-initrd"]
     assert "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:2222-:22" in argv
     encoded = base64.b64encode(b"[Unit]\n").decode()
-    assert f"type=11,value=io.systemd.credential.binary:a.b={encoded}" in argv
+    files = [Path(a.removeprefix("type=11,path=")) for a in argv if a.startswith("type=11,path=")]
+    assert [f.read_text() for f in files] == [f"io.systemd.credential.binary:a.b={encoded}",
+                                              "io.systemd.credential.binary:c=eCx5"]  # a file each: commas are safe
     assert argv[argv.index("-serial") + 1] == "mon:stdio"  # no serial files: the console is the terminal
     assert argv[argv.index("-m") + 1] == "1024"
 
@@ -119,7 +122,8 @@ def test_report_unit_escapes_dollars_for_systemd_and_is_pulled_in_after_the_defa
 
 
 def test_a_running_system_passes_with_timings() -> None:
-    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", verdict_kind="report", firmware="uefi",
+                                  accelerator="tcg", image="d")
     values = bootcheck.parse_report(REPORT)
     bootcheck.decide(report, values, "console", None, reached_at=31.0, timeout=300)
     assert report.ok and report.default_target == "graphical.target" and report.failed_units == []
@@ -131,7 +135,8 @@ def test_a_running_system_passes_with_timings() -> None:
 
 def test_failed_units_make_it_fail_and_are_named() -> None:
     text = REPORT.replace("state running", "state degraded").replace("end\n", "failed foo.service\nend\n")
-    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", verdict_kind="report", firmware="uefi",
+                                  accelerator="tcg", image="d")
     bootcheck.decide(report, bootcheck.parse_report(text), "a\nb\n", None, reached_at=30.0, timeout=300)
     assert not report.ok and report.failed_units == ["foo.service"]
     assert report.problem == "the system reached graphical.target but is degraded: 1 unit(s) failed"
@@ -148,7 +153,8 @@ def test_failed_units_make_it_fail_and_are_named() -> None:
 def test_fatal_console_lines_name_the_cause(console: str, cause: str) -> None:
     found = bootcheck.fatal_console_line(f"some boot output\n{console}\nmore\n")
     assert found is not None and cause in found[0]
-    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", verdict_kind="report", firmware="uefi",
+                                  accelerator="tcg", image="d")
     bootcheck.decide(report, {"failed": []}, console, found, reached_at=None, timeout=300)
     assert not report.ok and cause in report.verdict and report.console_tail
 
@@ -156,9 +162,36 @@ def test_fatal_console_lines_name_the_cause(console: str, cause: str) -> None:
 def test_no_report_says_why_it_may_be_missing() -> None:
     assert bootcheck.fatal_console_line("[  OK  ] Reached target basic.target\nWelcome to emergency-free land") \
         is None
-    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", firmware="uefi", accelerator="tcg", image="d")
+    report = bootcheck.BootReport(ok=False, verdict="", boot="disk", verdict_kind="report", firmware="uefi",
+                                  accelerator="tcg", image="d")
     bootcheck.decide(report, {"failed": []}, "", None, reached_at=None, timeout=120)
-    assert "within 120 s" in report.verdict and "systemd is older than 256" in report.verdict
+    assert "within 120 s" in report.verdict and "systemd is older than 252" in report.verdict
+
+
+def test_the_verdict_kind_follows_the_image_init() -> None:
+    assert bootcheck.verdict_kind({}) == "report"  # a build that does not say: the report, as before
+    assert bootcheck.verdict_kind({"image": {"init": "systemd", "systemd_version": 252}}) == "report"
+    assert bootcheck.verdict_kind({"image": {"init": "systemd", "systemd_version": 249}}) == "console"
+    assert bootcheck.verdict_kind({"image": {"init": "openrc", "systemd_version": None}}) == "console"
+    assert bootcheck.verdict_kind({"image_kind": "app", "image": {"init": "none"}}) == "app"
+
+
+def test_a_console_verdict_needs_a_login_prompt_and_no_fatal_line() -> None:
+    def report() -> bootcheck.BootReport:
+        return bootcheck.BootReport(ok=False, verdict="", boot="disk", verdict_kind="console", firmware="uefi",
+                                    accelerator="tcg", image="d")
+
+    up = bootcheck.decide(report(), {"failed": []}, "INIT: version 3.06 booting\nalpine login: ", None, 30.0, 120)
+    assert up.ok and up.verdict == "the system reached a login prompt (alpine login:)"
+    assert up.summary().startswith("UP: the system reached a login prompt (alpine login:) (judged from the console)")
+    stuck = bootcheck.decide(report(), {"failed": []}, "INIT: version 3.06 booting\n", None, None, 120)
+    assert not stuck.ok and stuck.problem == ("its init started (INIT: version 3.06 booting) but no login prompt on "
+                                              "the console within 120 s")
+    panic = bootcheck.decide(report(), {"failed": []}, "Kernel panic - not syncing: VFS",
+                             ("the kernel panicked", "Kernel panic - not syncing: VFS"), None, 120)
+    assert not panic.ok and panic.problem == "the kernel panicked (Kernel panic - not syncing: VFS)"
+    assert bootcheck.LOGIN_PROMPT.search("Debian GNU/Linux 12 vm ttyS0\n\nvm login: ")
+    assert bootcheck.LOGIN_PROMPT.search("vm login: [   31.917277] powernow_k8: Power state transitions")
 
 
 # What run and test boot ----------------------------------------------------------------------------------------
