@@ -120,6 +120,10 @@ class LoginUser:
     created: bool = False  # the image lacks it: the build adds it to passwd, group, shadow and gshadow
     home_path: str = ""  # where the home is in the image, links followed (/root -> var/roothome on ostree images)
 
+    def in_home(self, name: str) -> str:
+        """A path under the home, relative to the image root (a home of / gives just `name`)."""
+        return "/".join(part for part in (self.home_path, name) if part)
+
 
 @dataclass(frozen=True)
 class Access:
@@ -259,8 +263,8 @@ def decide(report: Report, config: Config) -> Access:
                    machine_ids, host_keys, kept)
     edited = [*(["etc/passwd", "etc/group", "etc/shadow", "etc/gshadow"] if found.changes_accounts else []),
               *(["etc/hostname"] if config.hostname else []),
-              *([f"{user.home_path}/.ssh", f"{user.home_path}/.ssh/authorized_keys"] if keys else [])]
-    check_editable(report, [p for p in edited if not p.endswith("/.ssh")])
-    if keys and (entry := report.tree.entries.get(f"{user.home_path}/.ssh")) is not None and entry.kind != "dir":
+              *([user.in_home(".ssh/authorized_keys")] if keys else [])]
+    check_editable(report, edited)
+    if keys and (entry := report.tree.entries.get(user.in_home(".ssh"))) is not None and entry.kind != "dir":
         raise C2BootError(f"the image's {user.home}/.ssh is not a directory: make it one, or log in as another user")
     return found

@@ -38,9 +38,16 @@ class Writer:
             return None
         return source.read_text(errors="surrogateescape")
 
+    def inside(self, path: str) -> Path:
+        """`path` in the added tree; never outside it (a home from the image's passwd decides some paths)."""
+        target = self.tree / path
+        if path.startswith("/") or not target.resolve().is_relative_to(self.tree.resolve()):
+            raise C2BootError(f"/{path.lstrip('/')} is outside the root: check the user's home in the image's passwd")
+        return target
+
     def write(self, path: str, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
         """`path` with `text`; the owner and mode of the image's file when it has one, else `owner` and `mode`."""
-        target = self.tree / path
+        target = self.inside(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, errors="surrogateescape")
         source = self.root / path
@@ -52,7 +59,7 @@ class Writer:
         self.leave_out(path)
 
     def mkdir(self, path: str, mode: int, owner: tuple[int, int]) -> None:
-        target = self.tree / path
+        target = self.inside(path)
         target.mkdir(parents=True, exist_ok=True)
         chown(target, owner)
         target.chmod(mode)
@@ -140,10 +147,10 @@ def write_home(writer: Writer, user: LoginUser, keys: tuple[str, ...]) -> None:
                 shutil.copyfile(item, writer.tree / home / item.name)
                 chown(writer.tree / home / item.name, owner)
     if keys:
-        writer.mkdir(f"{home}/.ssh", 0o700, owner)
-        existing = writer.original(f"{home}/.ssh/authorized_keys") or ""
+        writer.mkdir(user.in_home(".ssh"), 0o700, owner)
+        existing = writer.original(user.in_home(".ssh/authorized_keys")) or ""
         text = existing + ("" if existing.endswith("\n") or not existing else "\n") + "\n".join(keys) + "\n"
-        writer.write(f"{home}/.ssh/authorized_keys", text, 0o600, owner)
+        writer.write(user.in_home(".ssh/authorized_keys"), text, 0o600, owner)
 
 
 def write_identity_reset(writer: Writer, access: Access) -> None:

@@ -211,8 +211,9 @@ def test_links_in_the_image_are_followed_or_refused(tmp_path: Path) -> None:
     (root / "var/home").mkdir()
     (root / "home").symlink_to("var/home")
     (root / "root").symlink_to("var/roothome")
-    (root / "etc/passwd").write_text(PASSWD + "carol:x:1002:1002::/home/carol:/bin/sh\n")
+    (root / "etc/passwd").write_text(PASSWD + "carol:x:1002:1002::/home/carol:/bin/sh\nsvc:x:999:999::/:/bin/sh\n")
     report = examine_directory(root)
+    assert access.login_user(report, Config(user="svc")).in_home(".ssh") == ".ssh"  # a home of /: never "/.ssh"
     assert access.login_user(report, Config()).home_path == "var/roothome"
     assert access.login_user(report, Config(user="dave")).home_path == "var/home/dave"
     assert access.login_user(report, Config(user="carol")).home_path == "var/home/carol"
