@@ -103,20 +103,18 @@ def write_accounts(writer: Writer, user: LoginUser, hashed: str | None) -> None:
     passwd = (writer.original("etc/passwd") or "").splitlines()
     group = (writer.original("etc/group") or "").splitlines()
     shadow = writer.original("etc/shadow")
-    gshadow = writer.original("etc/gshadow")
+    gshadow = None if (text := writer.original("etc/gshadow")) is None else text.splitlines()
     if user.created:
         passwd.append(f"{user.name}:x:{user.uid}:{user.gid}::{user.home}:{user.shell}")
+        writer.write("etc/passwd", "\n".join(passwd) + "\n", 0o644)
         if not any(line.split(":")[0] == user.name for line in group):
             group.append(f"{user.name}:x:{user.gid}:")
             if gshadow is not None:
-                gshadow += f"{'' if gshadow.endswith(chr(10)) or not gshadow else chr(10)}{user.name}:!::\n"
-    if user.created:
-        writer.write("etc/passwd", "\n".join(passwd) + "\n", 0o644)
+                gshadow.append(f"{user.name}:!::")
     if user.created or user.groups:
         writer.write("etc/group", "\n".join(append_members(group, user.groups, user.name, 3)) + "\n", 0o644)
         if gshadow is not None:
-            writer.write("etc/gshadow", "\n".join(append_members(gshadow.splitlines(), user.groups, user.name, 3))
-                         + "\n", 0o640)
+            writer.write("etc/gshadow", "\n".join(append_members(gshadow, user.groups, user.name, 3)) + "\n", 0o640)
     if shadow is not None and (user.created or hashed):
         lines = shadow.splitlines()
         # "*": no password, but not locked: sshd without PAM refuses even keys to a "!" (locked) account.

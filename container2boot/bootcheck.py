@@ -22,7 +22,7 @@ from container2boot import lifecycle, qemu
 from container2boot.config import Config
 from container2boot.log import logger
 from container2boot.templates import render
-from container2boot.vm import machine
+from container2boot.vm import CREDENTIALS_SYSTEMD, Built, machine
 
 REPORT_UNIT = "c2boot-report.service"
 REPORT_PORT = "/dev/ttyS1"
@@ -44,7 +44,6 @@ FATAL_CONSOLE = (
 # A console verdict (no systemd report possible): a getty's login prompt means the system came up.
 LOGIN_PROMPT = re.compile(r"^\S+ login: ", re.MULTILINE)  # kernel messages may follow on its line
 INIT_BANNERS = re.compile(r"INIT: version \S+ booting|OpenRC \S+ is starting up|Run /\S+ as init process")
-MIN_REPORTING_SYSTEMD = 252  # reads tmpfiles.extra (and SMBIOS credentials) in the initrd
 GRACE_SECONDS = 5  # more console after a fatal line, for the report
 APP_SETTLE_SECONDS = 10  # an app still running this long after it started is up
 CONSOLE_TAIL_LINES = 30
@@ -214,23 +213,23 @@ def app_exit_status(report_port: str) -> int | None:
 def test(target: Path, config: Config) -> BootReport:
     """`c2boot test`: boot a build's output directory or disk image as `config` says, and report."""
     with machine(target, config) as (vm, boot, built):
-        kind = verdict_kind(built.manifest)
-        how = "its systemd reports" if kind == "report" else "judged from its console: not systemd 252 or newer"
+        kind = verdict_kind(built)
+        how = "its systemd reports" if kind == "report" else \
+            f"judged from its console: not systemd {CREDENTIALS_SYSTEMD} or newer"
         logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s; %s)", built.what(boot), boot,
                     config.firmware, config.timeout, how)
         return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout, kind=kind)
 
 
-def verdict_kind(manifest: dict[str, Any]) -> str:
+def verdict_kind(built: Built) -> str:
     """How the boot is judged: by the booted system's report (systemd 252+, an app's init, or a build that does not
     say), or by its console (another init, an older systemd)."""
-    image = manifest.get("image") or {}
-    if manifest.get("image_kind") == "app":
+    if built.manifest.get("image_kind") == "app":
         return "app"
-    if "init" not in image:
+    if "init" not in built.image:
         return "report"
-    version = image.get("systemd_version")
-    return "report" if image["init"] == "systemd" and (version is None or version >= MIN_REPORTING_SYSTEMD) \
+    version = built.systemd_version
+    return "report" if built.image["init"] == "systemd" and (version is None or version >= CREDENTIALS_SYSTEMD) \
         else "console"
 
 
@@ -310,7 +309,7 @@ def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tupl
         report.problem = f"{fatal[0]} ({fatal[1]})"
     elif report.problem is None:
         report.problem = (f"no report from the system within {timeout:.0f} s: it did not reach its default target, "
-                          f"or its systemd is older than {MIN_REPORTING_SYSTEMD}, which reads the test's unit from "
+                          f"or its systemd is older than {CREDENTIALS_SYSTEMD}, which reads the test's unit from "
                           "SMBIOS credentials")
     report.verdict = report.problem
     return report

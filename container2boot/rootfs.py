@@ -3,6 +3,7 @@ missing, by distribution family. The same checks serve `c2boot inspect`, the che
 any slow step, and the assemble stage."""
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,10 +321,15 @@ def find_systemd_version(tree: Tree, init: str) -> int | None:
     return dpkg_major_version(tree, "systemd")
 
 
+def dpkg_stanzas(status: str) -> Iterator[dict[str, str]]:
+    """The packages of a dpkg status file, each as its fields (Package, Status, Version...)."""
+    for stanza in status.split("\n\n"):
+        yield dict(DPKG_FIELD.findall(stanza))
+
+
 def dpkg_major_version(tree: Tree, package: str) -> int | None:
     """The upstream major version of an installed Debian package (252 for 252.39-1~deb12u1)."""
-    for stanza in (tree.read_text(DPKG_STATUS) or "").split("\n\n"):
-        fields = dict(DPKG_FIELD.findall(stanza))
+    for fields in dpkg_stanzas(tree.read_text(DPKG_STATUS) or ""):
         if fields.get("Package") == package and fields.get("Status", "").endswith(" installed"):
             version = DPKG_VERSION.match(fields.get("Version", ""))
             return int(version.group(1)) if version else None

@@ -21,10 +21,9 @@ from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.run import run
-from container2boot.vm import Built, machine
+from container2boot.vm import CREDENTIALS_SYSTEMD, Built, machine
 
 PROBE_SECONDS = 2  # between attempts to log in while the guest boots
-MIN_CREDENTIAL_SYSTEMD = 252  # reads ssh.authorized_keys.root and tmpfiles.extra
 LOGIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 SSH_OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
                "-o", "IdentitiesOnly=yes", "-o", "PasswordAuthentication=no")
@@ -41,15 +40,13 @@ def free_port() -> int:
 def check_sshd(built: Built, config: Config) -> None:
     """What would only time out is told before anything boots (the manifest records what inspect found): an image
     without sshd, or a throw-away key that no systemd would take."""
-    image = built.manifest.get("image") or {}
-    if image.get("sshd") is False:
-        raise C2BootError(f"{built.out} was built from an image without an SSH server: add openssh-server (Debian) "
-                          "/ openssh-server (Fedora) to the image and rebuild, or use `c2boot run` for its console")
-    version = image.get("systemd_version") if image.get("init") == "systemd" else None
-    if image and config.identity is None and (version is None or version < MIN_CREDENTIAL_SYSTEMD):
-        raise C2BootError(f"{built.out} boots {image.get('init')} {version or ''}".rstrip() + ", which does not take "
-                          f"SSH keys as credentials (systemd {MIN_CREDENTIAL_SYSTEMD}+): build with --ssh-key and log "
-                          "in with --identity")
+    if built.image.get("sshd") is False:
+        raise C2BootError(f"{built.out} was built from an image without an SSH server: add openssh-server to the "
+                          "image and rebuild, or use `c2boot run` for its console")
+    version = built.systemd_version or 0
+    if built.image and config.identity is None and version < CREDENTIALS_SYSTEMD:
+        raise C2BootError(f"{built.out} boots {built.init}, which does not take SSH keys as credentials (systemd "
+                          f"{CREDENTIALS_SYSTEMD}+): build with --ssh-key and log in with --identity")
 
 
 def throwaway_key(directory: Path) -> Path:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from container2boot.errors import C2BootError
 from container2boot.plan import App
+from container2boot.rootfs import dpkg_stanzas
 from container2boot.templates import render_to
-from container2boot.tree import Tree
+from container2boot.tree import DPKG_STATUS, Tree
 
 APP_DIR = "container2boot"  # /container2boot in the booted root: everything the app mode adds
 INIT = f"/{APP_DIR}/init"
@@ -60,11 +61,10 @@ def add_modules(supplied: Path, kernel_modules: Path, image: Tree) -> str:
 def package_version(root: Path, kernel_version: str) -> str | None:
     """The Debian package version of the kernel image in `root` (its dpkg status), for the manifest."""
     try:
-        status = (root / "var/lib/dpkg/status").read_text(errors="replace")
+        status = (root / DPKG_STATUS).read_text(errors="replace")
     except OSError:
         return None
-    for stanza in status.split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line[0].isspace())
+    for fields in dpkg_stanzas(status):
         if fields.get("Package", "").startswith(f"linux-image-{kernel_version}"):
             return f"{fields['Package']} {fields.get('Version', '')}".strip()
     return None

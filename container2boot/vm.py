@@ -18,6 +18,11 @@ from container2boot.output import MANIFEST
 from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine, check_disk_image
 from container2boot.templates import render
 
+# The systemd that reads SMBIOS credentials, ssh.authorized_keys.root and tmpfiles.extra (in the initrd too), and the
+# one that also takes system.hostname.
+CREDENTIALS_SYSTEMD = 252
+HOSTNAME_CREDENTIAL_SYSTEMD = 254
+
 
 @dataclass(frozen=True)
 class Built:
@@ -35,6 +40,23 @@ class Built:
     def cmdline(self) -> str:
         """The kernel arguments the build's boot loader passes (empty without a manifest)."""
         return str(self.manifest.get("kernel", {}).get("cmdline", ""))
+
+    @property
+    def image(self) -> dict[str, Any]:
+        """What inspect found in the image (init, systemd_version, sshd, cloud_init); empty for older builds."""
+        image: dict[str, Any] = self.manifest.get("image") or {}
+        return image
+
+    @property
+    def systemd_version(self) -> int | None:
+        """The version of the systemd the build boots; None for another init, or when it was not found."""
+        version: int | None = self.image.get("systemd_version") if self.image.get("init") == "systemd" else None
+        return version
+
+    @property
+    def init(self) -> str:
+        """The booted init as messages name it: "systemd 252", "openrc"."""
+        return f"systemd {self.systemd_version}" if self.systemd_version else str(self.image.get("init", "?"))
 
     @property
     def boot(self) -> dict[str, Any]:
@@ -105,16 +127,16 @@ def boot_credentials(config: Config, root_keys: Sequence[str] = ()) -> dict[str,
 
 def boot_features_missing(built: Built, config: Config) -> list[str]:
     """Boot-time access the build's systemd cannot take (from the manifest's record of the image)."""
-    image = built.manifest.get("image") or {}
-    if not image:
+    if not built.image:
         return []
-    version = image.get("systemd_version") if image.get("init") == "systemd" else None
+    version = built.systemd_version or 0
     missing = []
-    if config.ssh_keys and (version is None or version < 252):
-        missing.append("--ssh-key at boot needs systemd 252 or newer")
-    if config.hostname and (version is None or version < 254):
-        missing.append("--hostname at boot needs systemd 254 or newer (build with --hostname instead)")
-    if config.cloud_init and not image.get("cloud_init"):
+    if config.ssh_keys and version < CREDENTIALS_SYSTEMD:
+        missing.append(f"--ssh-key at boot needs systemd {CREDENTIALS_SYSTEMD} or newer")
+    if config.hostname and version < HOSTNAME_CREDENTIAL_SYSTEMD:
+        missing.append(f"--hostname at boot needs systemd {HOSTNAME_CREDENTIAL_SYSTEMD} or newer (build with "
+                       "--hostname instead)")
+    if config.cloud_init and not built.image.get("cloud_init"):
         missing.append("--cloud-init needs cloud-init in the image")
     return missing
 
@@ -127,7 +149,7 @@ def machine(target: Path, config: Config, root_keys: Sequence[str] = ()) -> Iter
     built = locate(target)
     check_firmware(built, config.firmware)
     for missing in boot_features_missing(built, config):
-        logger.warning("    warning: %s: %s has %s", missing, built.out, image_init(built))
+        logger.warning("    warning: %s: %s has %s", missing, built.out, built.init)
     credentials = boot_credentials(config, root_keys)
     user_data = seed.read_user_data(config.cloud_init) if config.cloud_init is not None else None
     with lifecycle.temporary_directory("c2boot-seed-") as tmp:
@@ -140,12 +162,6 @@ def machine(target: Path, config: Config, root_keys: Sequence[str] = ()) -> Iter
                                   "credentials": credentials, "seed": seed_volume}
         with _machine(built, config, common) as found:
             yield found
-
-
-def image_init(built: Built) -> str:
-    image = built.manifest.get("image") or {}
-    version = image.get("systemd_version")
-    return f"systemd {version}" if image.get("init") == "systemd" and version else str(image.get("init", "?"))
 
 
 @contextmanager

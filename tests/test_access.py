@@ -274,3 +274,17 @@ def test_the_rootbuilder_sees_the_input_files_read_only(tmp_path: Path) -> None:
     assert debian_bases("FROM docker.io/library/debian:bookworm AS base\nFROM base\nFROM fedora:41\n"
                         "FROM --platform=linux/amd64 debian:trixie\nFROM $BASE\n") == \
         ["docker.io/library/debian:bookworm", "debian:trixie"]
+
+
+def test_boot_time_access_the_built_systemd_cannot_take_is_named(tmp_path: Path) -> None:
+    from container2boot.vm import Built, boot_features_missing
+
+    key = keygen(tmp_path / "id").with_suffix(".pub")
+    config = Config(ssh_keys=(key,), hostname="web1", cloud_init=key)
+    debian12 = Built(tmp_path, None, {"image": {"init": "systemd", "systemd_version": 252, "cloud_init": True}})
+    assert boot_features_missing(debian12, config) == [
+        "--hostname at boot needs systemd 254 or newer (build with --hostname instead)"]
+    openrc = Built(tmp_path, None, {"image": {"init": "openrc", "systemd_version": None, "cloud_init": False}})
+    assert len(boot_features_missing(openrc, config)) == 3 and openrc.init == "openrc" and debian12.init == \
+        "systemd 252"
+    assert boot_features_missing(Built(tmp_path, None, {}), config) == []  # an older build says nothing

@@ -169,11 +169,14 @@ def test_no_report_says_why_it_may_be_missing() -> None:
 
 
 def test_the_verdict_kind_follows_the_image_init() -> None:
-    assert bootcheck.verdict_kind({}) == "report"  # a build that does not say: the report, as before
-    assert bootcheck.verdict_kind({"image": {"init": "systemd", "systemd_version": 252}}) == "report"
-    assert bootcheck.verdict_kind({"image": {"init": "systemd", "systemd_version": 249}}) == "console"
-    assert bootcheck.verdict_kind({"image": {"init": "openrc", "systemd_version": None}}) == "console"
-    assert bootcheck.verdict_kind({"image_kind": "app", "image": {"init": "none"}}) == "app"
+    def kind(manifest: dict[str, object]) -> str:
+        return bootcheck.verdict_kind(vm.Built(Path("out"), None, manifest))
+
+    assert kind({}) == "report"  # a build that does not say: the report, as before
+    assert kind({"image": {"init": "systemd", "systemd_version": 252}}) == "report"
+    assert kind({"image": {"init": "systemd", "systemd_version": 249}}) == "console"
+    assert kind({"image": {"init": "openrc", "systemd_version": None}}) == "console"
+    assert kind({"image_kind": "app", "image": {"init": "none"}}) == "app"
 
 
 def test_a_console_verdict_needs_a_login_prompt_and_no_fatal_line() -> None:
