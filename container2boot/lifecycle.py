@@ -190,14 +190,15 @@ def temporary_directory(prefix: str, parent: Path | None = None) -> Iterator[Pat
         current().forget_path(path)
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel sends SIGTERM when c2boot dies, even by SIGKILL."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def start_process(argv: Sequence[str], *, on_our_death: int = signal.SIGTERM, **popen: Any) -> "subprocess.Popen[Any]":
+    """Popen for a background process (a service, a virtual machine) that must not outlive this run. The kernel
+    sends it `on_our_death` when c2boot dies, even by SIGKILL: SIGTERM lets a service stop what it started; a
+    process with nothing to save gets SIGKILL, which it cannot miss (a QEMU outlived one SIGTERM in CI)."""
 
+    def die_with_parent() -> None:  # in the child, before exec
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, on_our_death, 0, 0, 0)
 
-def start_process(argv: Sequence[str], **popen: Any) -> "subprocess.Popen[Any]":
-    """Popen for a background process (a service, a virtual machine) that must not outlive this run."""
-    process: subprocess.Popen[Any] = subprocess.Popen(list(argv), preexec_fn=_die_with_parent, **popen)
+    process: subprocess.Popen[Any] = subprocess.Popen(list(argv), preexec_fn=die_with_parent, **popen)
     current().add_process(process.pid)
     return process
 

@@ -8,6 +8,7 @@ import base64
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -76,7 +77,7 @@ def kvm_usable() -> tuple[bool, str]:
                 [require_tool("qemu-system-x86_64"), "-machine", "q35", "-accel", "kvm", "-m", "256", "-nodefaults",
                  "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{serial}",
                  "-drive", f"if=pflash,format=raw,readonly=on,file={code}"],
-                stdout=subprocess.DEVNULL, stderr=errors_file)
+                on_our_death=signal.SIGKILL, stdout=subprocess.DEVNULL, stderr=errors_file)
         try:
             deadline = time.monotonic() + KVM_PROBE_SECONDS
             while (time.monotonic() < deadline and process.poll() is None and serial.stat().st_size == 0
@@ -188,7 +189,8 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
     for backend in vm.serial or ["mon:stdio"]:
         argv += ["-serial", backend]
     if vm.disk is not None:
-        # snapshot=on: the built image is never written to; the guest's writes go to a temporary overlay.
+        # snapshot=on: the built image is never written to; the guest's writes go to a temporary overlay, which QEMU
+        # unlinks as soon as it is open, so even a SIGKILL leaves nothing behind.
         argv += ["-drive", f"file={vm.disk},format={disk_format(vm.disk)},if=virtio,"
                            f"snapshot={'on' if vm.snapshot else 'off'}"]
     if vm.seed is not None:
@@ -222,8 +224,8 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
 def started(vm: VirtualMachine) -> Iterator[subprocess.Popen[str]]:
     """QEMU running `vm` in the background; stopped on leaving."""
     with lifecycle.temporary_directory("c2boot-qemu-") as scratch:
-        process = lifecycle.start_process(qemu_command(vm, scratch), stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.PIPE, text=True)
+        process = lifecycle.start_process(qemu_command(vm, scratch), on_our_death=signal.SIGKILL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             yield process
         finally:
@@ -260,7 +262,7 @@ def boot_until(disk: Path, pattern: str, *, firmware: str = "uefi", timeout: flo
 def run_interactive(vm: VirtualMachine) -> int:
     """Boot `vm` with its serial console on this terminal until the guest powers off or the user quits."""
     with lifecycle.temporary_directory("c2boot-qemu-") as tmp:
-        process = lifecycle.start_process(qemu_command(vm, tmp))
+        process = lifecycle.start_process(qemu_command(vm, tmp), on_our_death=signal.SIGKILL)
         try:
             return process.wait()
         finally:

@@ -258,6 +258,28 @@ def test_a_second_ctrl_c_does_not_interrupt_the_cleanup(tmp_path: Path) -> None:
     assert not directory.exists() and gone(child)
 
 
+DEAF_CHILD = textwrap.dedent("""
+    import signal, time
+    from container2boot import lifecycle
+    child = lifecycle.start_process(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                     "signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+                                    on_our_death=signal.SIGKILL, stdout=None)
+    print('child', child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_process_that_ignores_sigterm_still_dies_with_c2boot() -> None:
+    """QEMU gets SIGKILL when c2boot dies: one SIGTERM can be missed, a SIGKILL cannot."""
+    probe = subprocess.Popen([sys.executable, "-c", DEAF_CHILD], stdout=subprocess.PIPE, text=True)
+    assert probe.stdout is not None
+    lines = [probe.stdout.readline().split() for _ in range(2)]  # "ready": the child has set its handler
+    child = next(int(line[1]) for line in lines if line[0] == "child")
+    probe.kill()
+    probe.wait()
+    assert gone(child), "a process that ignores SIGTERM outlived c2boot's SIGKILL"
+
+
 def test_after_sigkill_the_next_run_removes_what_was_left(tmp_path: Path) -> None:
     probe, directory, child = start_probe(tmp_path)
     probe.kill()
