@@ -7,6 +7,7 @@ installer and its ldlinux.c32 always match.
 """
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from container2boot.bootloader import MENU_TIMEOUT, BootEntry
@@ -43,10 +44,10 @@ def install_files(esp: Path, entry: BootEntry) -> str:
     return "syslinux (BIOS)"
 
 
-def install_boot_code(disk: Path) -> PartitionTable:
+def install_boot_code(disk: Path, env: Mapping[str, str] | None = None) -> PartitionTable:
     """Make `disk` boot under BIOS: mark its ESP bootable, write the boot code that fits its partition table, and
     install syslinux's boot sector and ldlinux.sys into the ESP's FAT filesystem. Returns the table as read back
-    afterwards."""
+    afterwards. `env` carries SOURCE_DATE_EPOCH, the time mtools stamps on ldlinux.sys."""
     table = read_table(disk)
     if table.label not in BOOT_CODE:
         raise C2BootError(f"{disk}: a {table.label} partition table cannot boot with BIOS here: use GPT or MBR")
@@ -56,7 +57,8 @@ def install_boot_code(disk: Path) -> PartitionTable:
     if table.label == "dos" and not esp.bootable:
         run(["sfdisk", "--activate", disk, str(number)])
     write_boot_code(disk, syslinux_file(BOOT_CODE[table.label]).read_bytes())
-    run(["syslinux", "--install", "--offset", str(esp.start_bytes), "--directory", f"/{SYSLINUX_DIR}", disk])
+    run(["syslinux", "--install", "--offset", str(esp.start_bytes), "--directory", f"/{SYSLINUX_DIR}", disk],
+        env=env)
     return read_table(disk)
 
 

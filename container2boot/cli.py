@@ -27,7 +27,7 @@ app = typer.Typer(
     help="Turn a container image into a bootable disk image, as a normal user: no sudo, no loop devices, "
     "no mounts.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion and --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 
@@ -114,9 +114,10 @@ def reported_errors(command: str) -> Iterator[None]:
 
 
 def _source_from_environment() -> dict[str, str]:
-    """The host tells the rootbuilder which image it mounted, for the manifest."""
+    """The host tells the rootbuilder which image it mounted, for the manifest, and the source date for
+    reproducible outputs (the reproducible-builds variable, which users may set for any command)."""
     keys = {"C2BOOT_SOURCE_IMAGE": "image", "C2BOOT_SOURCE_DIGEST": "digest", "C2BOOT_SOURCE_ID": "id",
-            "C2BOOT_KERNEL_IMAGE": "kernel_image"}
+            "C2BOOT_KERNEL_IMAGE": "kernel_image", "SOURCE_DATE_EPOCH": "source_date_epoch"}
     return {name: os.environ[key] for key, name in keys.items() if os.environ.get(key)}
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from container2boot.bootloader import ESP_LABEL
 from container2boot.errors import C2BootError
+from container2boot.reproducible import Reproducible
 from container2boot.run import check_version, require_tool, run
 from container2boot.templates import render_to
 
@@ -100,10 +101,11 @@ def check_disk_size(size: int | None, needed: int) -> None:
                           f"use --size {fits}M or more, or leave --size out")
 
 
-def build_disk(esp: Path, dest: Path, scratch: Path, *, table: str = "gpt", root: "RootPartition | None" = None,
-               size: int | None = None) -> int:
+def build_disk(esp: Path, dest: Path, scratch: Path, same: Reproducible, *, table: str = "gpt",
+               root: "RootPartition | None" = None, size: int | None = None) -> int:
     """Write a new disk image `dest`: an ESP holding the tree `esp`, then the root partition when given, in a GPT
-    or (`table` "mbr") an MBR partition table, `size` bytes large (default: what it holds). Returns the ESP size."""
+    or (`table` "mbr") an MBR partition table, `size` bytes large (default: what it holds), the same bytes for the
+    same inputs and `same`. Returns the ESP size."""
     check_version("systemd-repart")
     for tool in ("mkfs.vfat", "mcopy", "sfdisk", *([f"mkfs.{root.fstype}"] if root else [])):
         require_tool(tool)
@@ -113,20 +115,20 @@ def build_disk(esp: Path, dest: Path, scratch: Path, *, table: str = "gpt", root
     render_definitions(definitions, esp, esp_bytes, root)
     run([
         "systemd-repart", f"--definitions={definitions}", "--empty=create", f"--size={size or 'auto'}",
-        "--offline=yes", "--sector-size=512", "--dry-run=no", "--seed=random", "--no-pager", dest,
-    ])
+        "--offline=yes", "--sector-size=512", "--dry-run=no", f"--seed={same.seed}", "--no-pager", dest,
+    ], env=same.environment())
     if table == "mbr":
-        convert_to_mbr(dest)
+        convert_to_mbr(dest, same.mbr_label_id())
     return esp_bytes
 
 
-def convert_to_mbr(disk: Path) -> None:
+def convert_to_mbr(disk: Path, label_id: str) -> None:
     """Replace the GPT of a one-partition disk by an MBR table with the same partition. The GPT headers (at the
     start and at the end of the disk) are wiped, so that no tool mistakes the disk for GPT."""
     table = read_table(disk)
     [esp] = table.partitions
     sector = table.sector_size
-    script = (f"label: dos\nstart={esp.start_bytes // sector}, size={esp.size_bytes // sector}, "
+    script = (f"label: dos\nlabel-id: {label_id}\nstart={esp.start_bytes // sector}, size={esp.size_bytes // sector}, "
               f"type={MBR_ESP_TYPE}\n")
     run(["sfdisk", "--wipe=always", "--wipe-partitions=never", "--no-reread", "--no-tell-kernel", disk],
         input=script)

@@ -8,6 +8,7 @@ and dracut runs chrooted. This works as a normal user and inside a rootless cont
 (An overlay over the image mount would exceed the kernel's filesystem stacking depth.)
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,14 +75,16 @@ def dracut_command(job: InitrdJob) -> list[str]:
         drivers += f" {APP_DRIVERS}"
     # dracut wants the path to end in lib/modules/VERSION, as the real one does.
     kmoddir = ["--kmoddir", f"{KMODDIR}/{job.kernel_modules.name}"] if job.kernel_modules is not None else []
-    return ["dracut", "--force", "--no-hostonly", "--no-hostonly-cmdline", "--kver", job.kernel_version, *kmoddir,
+    return ["dracut", "--force", "--reproducible", "--no-hostonly", "--no-hostonly-cmdline", "--kver",
+            job.kernel_version, *kmoddir,
             *layout, "--add-drivers", drivers]
 
 
-def build_initrd(job: InitrdJob, dest: Path, scratch: Path) -> None:
-    """Write the initrd to `dest`, made by `job.dracut_root`'s dracut in a user namespace."""
+def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str] | None = None) -> None:
+    """Write the initrd to `dest`, made by `job.dracut_root`'s dracut in a user namespace (`env`: with
+    SOURCE_DATE_EPOCH, which dracut's reproducible mode stamps on every file)."""
     run([
         "unshare", "--user", "--map-root-user", "--mount", "--",
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(), dest.absolute(),
         job.kernel_modules.absolute() if job.kernel_modules else "", *dracut_command(job),
-    ], name=f"dracut (of {job.dracut_root}, in a user namespace)")
+    ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")

@@ -41,6 +41,7 @@ def build_manifest(
     disk_images: list[dict[str, str]],
     files: list[dict[str, Any]],
     timings: dict[str, float],
+    created: int,
 ) -> dict[str, Any]:
     """`files` is the artifact list (see artifacts()); `disk_images` says which of them are disks, in which format."""
     tools: dict[str, str | None] = {name: tool_version_line(name) for name in ASSEMBLE_TOOLS}
@@ -48,7 +49,7 @@ def build_manifest(
     return {
         "manifest_version": MANIFEST_VERSION,
         "container2boot": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "created": datetime.fromtimestamp(created, UTC).isoformat(timespec="seconds"),  # the source date
         "source": source,
         "os_release": {k: report.os_release[k] for k in ("ID", "VERSION_ID", "PRETTY_NAME") if k in report.os_release},
         "image": {"init": report.init, "systemd_version": report.systemd_version, "sshd": report.sshd,

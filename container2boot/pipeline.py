@@ -5,13 +5,14 @@ import dataclasses
 import re
 import shutil
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import accounts, bios, clouds, formats, lifecycle, rootpartition, supplied
+from container2boot import accounts, bios, clouds, formats, lifecycle, reproducible, rootpartition, supplied
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
-from container2boot.config import Config
+from container2boot.config import Config, command_line
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, build_initrd
@@ -19,6 +20,7 @@ from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
 from container2boot.plan import ImageConfig, Plan, decide
+from container2boot.reproducible import Reproducible
 from container2boot.rootfs import Report, examine, examine_directory
 from container2boot.rootimage import build_root_image
 from container2boot.run import run
@@ -107,6 +109,7 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         installed = config.layout == "installed"
         if installed:
             rootpartition.check_copyable(root, scratch)
+        same = reproducibility(config)
         with timer.stage("inspect", f"Inspecting {rootfs}"):
             sources = Sources(root, examine_directory(root))
             image = ImageConfig.from_json(config.image_config) if config.image_config else ImageConfig()
@@ -120,7 +123,7 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         logger.info("    %s, %s", sources.report.name, plan.describe())
         for warning in cloud_warnings(sources.report, config):
             logger.warning("    warning: %s", warning)
-        root_partition = rootpartition.prepare(root, config.rootfs_type, scratch) if installed else None
+        root_partition = rootpartition.prepare(root, config.rootfs_type, scratch, same) if installed else None
         if root_partition is not None:
             kernel_file = sources.kernel_tree[1].kernel_image_path
             check_disk_size(config.size_bytes,
@@ -128,7 +131,15 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         need = output_bytes(sources.report.size_bytes, config)
         check_space(staging, need)
         with space_explained(staging, need):
-            make_outputs(rootfs, sources, plan, root_partition, staging, scratch, config, timer)
+            make_outputs(rootfs, sources, plan, root_partition, staging, scratch, config, same, timer)
+
+
+def reproducibility(config: Config) -> Reproducible:
+    """The source date (SOURCE_DATE_EPOCH, else now: not reproducible) and the seed, decided once per build."""
+    date = config.source.get("source_date_epoch")
+    epoch = reproducible.source_date_epoch(date) if date else int(time.time())
+    image = config.source.get("id") or config.source.get("digest") or config.source.get("image", "")
+    return reproducible.decide(epoch, image, command_line(config, "assemble", skip={"output", "force"}))
 
 
 def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
@@ -147,7 +158,8 @@ def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootP
                      root_partition.fstype if root_partition else None, config.netboot, plan.init == "app")
 
 
-def supply(sources: Sources, plan: Plan, scratch: Path, config: Config) -> supplied.Supplied | None:
+def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
+           same: Reproducible) -> supplied.Supplied | None:
     """What the build adds to the root (see supplied.py and accounts.py), or None when it adds nothing."""
     tree = scratch / "supplied"
     tree.mkdir()
@@ -165,6 +177,7 @@ def supply(sources: Sources, plan: Plan, scratch: Path, config: Config) -> suppl
         left_out = accounts.add_access(sources.root, tree, plan.access, config)
     if not any(tree.iterdir()) and not left_out:
         return None
+    same.clamp_times(tree)
     return supplied.Supplied(tree, tuple(left_out))
 
 
@@ -180,7 +193,7 @@ def boot_cmdline(plan: Plan, job: InitrdJob, root_partition: rootpartition.RootP
 
 
 def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
-                 staging: Path, scratch: Path, config: Config, timer: StageTimer) -> None:
+                 staging: Path, scratch: Path, config: Config, same: Reproducible, timer: StageTimer) -> None:
     """The slow part of assemble_into: initrd, root image, boot loaders, disk, formats, checksums, manifest."""
     installed = root_partition is not None
     report = sources.report
@@ -198,31 +211,33 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     if plan.access is not None:
         for line in plan.access.describe():
             logger.info("    %s", line)
-    extra = supply(sources, plan, scratch, config)
+    extra = supply(sources, plan, scratch, config, same)
     if root_partition is not None and extra is not None:
         root_partition = dataclasses.replace(root_partition, extra=extra.tree,
                                              replaced=(*root_partition.replaced, *extra.left_out))
     with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                      f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
                      f"dracut (kernel {plan.kernel_version})"):
-        build_initrd(job, boot_dir / "initrd.img", scratch / "initrd")
+        build_initrd(job, boot_dir / "initrd.img", scratch / "initrd", same.environment())
     if root_partition is None:
         with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
             build_root_image(rootfs if extra is None else sources.root, boot_dir / "squashfs.img",
-                             config.compression, extra.tree if extra else None, extra.left_out if extra else ())
+                             config.compression, extra.tree if extra else None, extra.left_out if extra else (),
+                             same.environment())
     firmware = ["uefi", "bios"] if config.bios else ["uefi"]
     with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
         loader_roots = [sources.root, *([Path("/")] if plan.supplies_kernel else [])]
         loaders = [install_bootloader(staging / "esp", entry, loader_roots, scratch)]
         if config.bios:
             loaders.append(bios.install_files(staging / "esp", entry))
+    same.clamp_times(staging / "esp")  # what the build wrote: the FAT entries in disk.img take these times
     if config.diskimage:
         what = f"{config.table.upper()}" + (f", {config.rootfs_type} root partition" if installed else "")
         with timer.stage("disk", f"Assembling disk.img ({what}) with systemd-repart"):
-            build_disk(staging / "esp", staging / "disk.img", scratch, table=config.table, root=root_partition,
+            build_disk(staging / "esp", staging / "disk.img", scratch, same, table=config.table, root=root_partition,
                        size=config.size_bytes)
             if config.bios:
-                bios.install_boot_code(staging / "disk.img")
+                bios.install_boot_code(staging / "disk.img", same.environment())
     disk_images = make_disk_formats(staging, config, timer) if config.diskimage else []
     with timer.stage("checksums", "Writing SHA256SUMS and manifest.json"):
         files = artifacts(staging)
@@ -240,7 +255,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                                     "partition_table": config.table if config.diskimage else None,
                                     "layout": config.layout, "root": root_description(config, root_partition),
                                     "netboot": config.netboot},
-                              disk_images=disk_images, files=files, timings=timer.seconds)
+                              disk_images=disk_images, files=files, timings=timer.seconds, created=same.epoch)
     write_manifest(staging, manifest)
     if plan.access is not None and plan.access.password:
         keep_private(staging)

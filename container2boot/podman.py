@@ -30,6 +30,7 @@ from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import StageTimer, logger
 from container2boot.plan import ImageConfig
+from container2boot.reproducible import image_created
 from container2boot.rootfs import Report, examine
 from container2boot.run import check_version, require_tool
 from container2boot.tree import Tree
@@ -51,6 +52,7 @@ class MachineImage:
     reference: str
     image_id: str
     digest: str | None
+    created: int | None = None  # seconds since the epoch: the default source date of reproducible outputs
 
 
 def containerfiles() -> Path:
@@ -185,7 +187,8 @@ class Session:
         except ImageNotFound:
             return None
         digests = image.attrs.get("RepoDigests") or []
-        return MachineImage(reference, image.id, image.attrs.get("Digest") or (digests[0] if digests else None))
+        return MachineImage(reference, image.id, image.attrs.get("Digest") or (digests[0] if digests else None),
+                            image_created(str(image.attrs.get("Created", ""))))
 
     def pull(self, reference: str) -> MachineImage | None:
         """Try to pull; podman-py hides failures (an empty image), so check what came back."""
@@ -392,7 +395,8 @@ class Session:
                           for host, inside in inputs)],
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
-                             "C2BOOT_KERNEL_IMAGE": kernel_image or ""},
+                             "C2BOOT_KERNEL_IMAGE": kernel_image or "",
+                             "SOURCE_DATE_EPOCH": config.source.get("source_date_epoch") or str(image.created or "")},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )
         except APIError as e:

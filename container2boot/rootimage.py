@@ -5,15 +5,16 @@ hard links, symlinks and extended attributes (security.capability included) exac
 """
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from container2boot.run import require_tool, run, run_pipe
 
 # GNU tar would store POSIX ACLs as system.posix_acl_* xattrs; squashfs cannot hold them.
+# --sort=name: the same order on every host, whatever order its file system lists a directory in.
 TAR_CREATE = [
-    "tar", "--create", "--file=-", "--numeric-owner", "--sparse", "--one-file-system",
+    "tar", "--create", "--file=-", "--numeric-owner", "--sparse", "--one-file-system", "--sort=name",
     "--xattrs", "--xattrs-include=*", "--xattrs-exclude=system.posix_acl_*",
 ]
 
@@ -23,19 +24,19 @@ def tar2sqfs_command(dest: Path, compression: str) -> list[str]:
 
 
 def build_root_image(source: Path, dest: Path, compression: str, extra: Path | None = None,
-                     left_out: tuple[str, ...] = ()) -> None:
+                     left_out: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> None:
     """Pack `source` (a rootfs directory or a tar of one) into the squashfs file `dest`; with `extra` (a
     directory), its files are added after the rootfs's (directories the rootfs has are not repeated), and the
     rootfs's `left_out` paths (those `extra` replaces, or that are reset) are not packed."""
     if extra is not None:
         assert source.is_dir(), "files are added to a rootfs directory"
         with merged_tar_command(source, extra, left_out) as tar:
-            run_pipe(tar, tar2sqfs_command(dest, compression))
+            run_pipe(tar, tar2sqfs_command(dest, compression), env)
     elif source.is_dir():
-        run_pipe([*TAR_CREATE, "--directory", str(source), "."], tar2sqfs_command(dest, compression))
+        run_pipe([*TAR_CREATE, "--directory", str(source), "."], tar2sqfs_command(dest, compression), env)
     else:
         with source.open("rb") as stream:
-            run(tar2sqfs_command(dest, compression), stdin=stream.fileno())
+            run(tar2sqfs_command(dest, compression), stdin=stream.fileno(), env=env)
 
 
 @contextmanager

@@ -8,12 +8,12 @@ copied after the rootfs, with the image's own copies of those paths left out.
 """
 
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from container2boot.disk import MiB
 from container2boot.errors import C2BootError
+from container2boot.reproducible import Reproducible
 from container2boot.templates import render_to
 
 FSCK_PASS = {"ext4": 1, "xfs": 0, "btrfs": 0}  # xfs and btrfs check themselves at mount
@@ -81,10 +81,10 @@ def check_copyable(*paths: Path) -> None:
                               "build`, which runs this stage in the rootbuilder container)")
 
 
-def prepare(root: Path, fstype: str, scratch: Path) -> RootPartition:
-    """Choose the partition UUID and write the overlay tree for the root partition of `root`. `scratch` must
-    not be under /tmp or /var/tmp: systemd-repart ignores files there."""
-    partuuid = str(uuid.uuid4())
+def prepare(root: Path, fstype: str, scratch: Path, same: Reproducible) -> RootPartition:
+    """Choose the partition UUID (from the build's seed) and write the overlay tree for the root partition of
+    `root`. `scratch` must not be under /tmp or /var/tmp: systemd-repart ignores files there."""
+    partuuid = str(same.uuid("root partition"))
     overlay = scratch / "root-overlay"
     image_fstab = root / FSTAB
     kept = fstab_lines_without_root(image_fstab.read_text(errors="replace")) if image_fstab.is_file() else []
@@ -93,6 +93,7 @@ def prepare(root: Path, fstype: str, scratch: Path) -> RootPartition:
     if not any(any((root / d).glob("*.conf")) for d in REPART_DIRS):  # the image's own rules know better
         render_to(overlay / GROW_RULE, "grow-root.conf.j2")
         files.append(GROW_RULE)
+    same.clamp_times(overlay)
     replaced = tuple(f for f in files if (root / f).exists() or (root / f).is_symlink())
     return RootPartition(root, fstype, partuuid, root_size(content_bytes(root), fstype), overlay, tuple(files),
                          replaced)

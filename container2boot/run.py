@@ -120,16 +120,18 @@ def run(
     return result
 
 
-def run_pipe(producer: Sequence[str | Path], consumer: Sequence[str | Path]) -> None:
-    """Run `producer | consumer`; a failure of either side is reported like `run()` does."""
+def run_pipe(producer: Sequence[str | Path], consumer: Sequence[str | Path],
+             env: Mapping[str, str] | None = None) -> None:
+    """Run `producer | consumer` (both with `env`); a failure of either side is reported like `run()` does."""
     first = [str(a) for a in producer]
     require_tool(first[0])
     logger.debug("$ %s | %s", shlex.join(first), shlex.join(str(a) for a in consumer))
     with tempfile.TemporaryFile(mode="w+") as producer_stderr:
-        process = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=producer_stderr, text=True)
+        process = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=producer_stderr, text=True,
+                                   env=None if env is None else dict(env))
         assert process.stdout is not None
         try:
-            run(consumer, stdin=process.stdout.fileno())
+            run(consumer, stdin=process.stdout.fileno(), env=env)
         finally:
             process.stdout.close()
             if process.wait() != 0 and process.returncode != -13:  # SIGPIPE: the consumer already failed

@@ -1,6 +1,7 @@
 """Shared fixtures. End-to-end tests run the real `c2boot` CLI with rootless podman; they never skip: a missing
 tool is a failure, so CI can't pass without booting anything."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +52,17 @@ def derived_image(tag: str, script: str) -> Iterator[str]:
         yield tag
     finally:
         subprocess.run(["podman", "rmi", "--force", tag], check=False, capture_output=True)
+
+
+def assert_rebuilt_identically(first: Path, again: Path) -> None:
+    """Reproducible outputs: every file in SHA256SUMS (disk.img included) and the manifest but its timings."""
+    manifests = [json.loads((out / "manifest.json").read_text()) for out in (first, again)]
+    assert manifests[0]["source"]["id"] == manifests[1]["source"]["id"], "the image itself was rebuilt"
+    assert (first / "SHA256SUMS").read_text() == (again / "SHA256SUMS").read_text()
+    subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=again, check=True)
+    for manifest in manifests:
+        del manifest["timings_seconds"]
+    assert manifests[0] == manifests[1]
 
 
 def require_host_tools(*tools: str) -> None:

@@ -70,7 +70,7 @@ def test_installing_twice_keeps_one_attribute(gpt_disk: Path) -> None:
 
 
 def test_mbr_table_keeps_the_partition_and_its_filesystem(gpt_disk: Path) -> None:
-    convert_to_mbr(gpt_disk)
+    convert_to_mbr(gpt_disk, "0x1234abcd")
     table = install_boot_code(gpt_disk)
     assert table.label == "dos"
     [esp] = table.partitions
@@ -79,7 +79,7 @@ def test_mbr_table_keeps_the_partition_and_its_filesystem(gpt_disk: Path) -> Non
     assert data[:BOOT_CODE_BYTES] == syslinux_file("mbr.bin").read_bytes().ljust(BOOT_CODE_BYTES, b"\0")
     assert GPT_SIGNATURE not in data[512:1024] and GPT_SIGNATURE not in data[-512:], "GPT headers left behind"
     blkid = subprocess.run(["blkid", "-p", "-o", "export", gpt_disk], capture_output=True, text=True).stdout
-    assert "PTTYPE=dos" in blkid
+    assert "PTTYPE=dos" in blkid and "PTUUID=1234abcd" in blkid  # the disk signature given, not a random one
     assert "ldlinux.sys" in esp_listing(gpt_disk, "syslinux")
     assert ENTRY.cmdline in esp_file(gpt_disk, "syslinux/syslinux.cfg").decode()
 

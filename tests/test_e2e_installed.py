@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.disk import MiB, read_table
-from tests.conftest import EXAMPLE_IMAGE, boot_evidence, c2boot
+from tests.conftest import EXAMPLE_IMAGE, assert_rebuilt_identically, boot_evidence, c2boot
 
 pytestmark = pytest.mark.slow
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # the discoverable x86-64 root partition type
@@ -47,6 +47,13 @@ def test_installed_disk_layout_and_manifest(installed_build: Path) -> None:
     assert manifest["boot"]["layout"] == "installed" and manifest["boot"]["firmware"] == ["uefi", "bios"]
     assert manifest["kernel"]["cmdline"].startswith(f"root=PARTUUID={root.uuid.lower()} rootfstype=ext4 rw ")
     assert not (installed_build / "esp/container2boot/squashfs.img").exists()
+
+
+def test_the_installed_disk_is_the_same_bytes_when_built_again(installed_build: Path, tmp_path: Path) -> None:
+    again = tmp_path / "out"
+    c2boot("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--layout", "installed", "--size", "3G", "--bios",
+           "-o", again)
+    assert_rebuilt_identically(installed_build, again)
 
 
 def test_installed_disk_is_writable_persists_and_grows(installed_build: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.podman import external_containers
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, c2boot
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, assert_rebuilt_identically, c2boot
 
 pytestmark = pytest.mark.slow
 
@@ -159,8 +159,9 @@ def test_stopping_c2boot_test_stops_qemu(example_build: Path, before: Leftovers,
 
 
 def test_a_second_build_into_the_same_output_fails_at_once(example_build: Path, tmp_path: Path) -> None:
+    """Also: the first build, of the example with the example build's settings, gives the same bytes."""
     out = tmp_path / "out"
-    first = start("build", "--image", EXAMPLE_IMAGE, "-o", out)
+    first = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", out)
     wait_for(first, "==> ")
     began = time.monotonic()
     second = c2boot("build", "--image", EXAMPLE_IMAGE, "--bios", "-o", out, check=False)
@@ -172,6 +173,8 @@ def test_a_second_build_into_the_same_output_fails_at_once(example_build: Path, 
     _, rest = first.communicate(timeout=600)
     assert first.returncode == 0, rest
     assert (out / "esp/container2boot/squashfs.img").is_file() and not (out / "esp/syslinux").exists()
+    assert_rebuilt_identically(example_build, out)
+
 
 
 # A full disk ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, dracut_command
 from container2boot.pipeline import assemble
 from container2boot.plan import ImageConfig, decide
+from container2boot.reproducible import decide as reproducible_decide
 from container2boot.rootfs import examine_directory
 from container2boot.rootpartition import (
     FSTAB,
@@ -25,6 +26,8 @@ from container2boot.rootpartition import (
 from container2boot.templates import render
 from tests.conftest import c2boot
 from tests.test_rootfs import make_rootfs
+
+SAME = reproducible_decide(1700000000, "an image", [])
 
 
 @pytest.mark.parametrize(("text", "size"), [("4G", 4 * 1024**3), ("1500M", 1500 * MiB), ("4GiB", 4 * 1024**3),
@@ -75,7 +78,7 @@ def test_image_fstab_keeps_its_entries_but_not_its_root() -> None:
 def test_overlay_has_fstab_by_partuuid_and_grow_rule(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "root")
     (root / FSTAB).write_text("# UNCONFIGURED FSTAB\nproc /proc proc defaults 0 0\n")
-    partition = prepare(root, "ext4", tmp_path / "work")
+    partition = prepare(root, "ext4", tmp_path / "work", SAME)
     assert partition.overlay_files == (FSTAB, GROW_RULE) and partition.replaced == (FSTAB,)
     fstab = (partition.overlay / FSTAB).read_text().splitlines()
     assert fstab[:2] == ["# UNCONFIGURED FSTAB", "proc /proc proc defaults 0 0"]
@@ -88,7 +91,7 @@ def test_image_with_its_own_repart_rules_gets_no_grow_rule(tmp_path: Path) -> No
     root = make_rootfs(tmp_path / "root")
     (root / "usr/lib/repart.d").mkdir(parents=True)
     (root / "usr/lib/repart.d/50-root.conf").write_text("[Partition]\nType=root\n")
-    partition = prepare(root, "xfs", tmp_path / "work")
+    partition = prepare(root, "xfs", tmp_path / "work", SAME)
     assert partition.overlay_files == (FSTAB,) and partition.replaced == ()
     assert (partition.overlay / FSTAB).read_text().splitlines()[-1].endswith(" / xfs defaults,x-systemd.growfs 0 0")
 
@@ -96,7 +99,7 @@ def test_image_with_its_own_repart_rules_gets_no_grow_rule(tmp_path: Path) -> No
 def test_root_partition_definition(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "root")
     (root / FSTAB).write_text("")
-    partition = prepare(root, "ext4", tmp_path / "work")
+    partition = prepare(root, "ext4", tmp_path / "work", SAME)
     render_definitions(tmp_path / "defs", tmp_path / "esp", 100 * MiB, partition)
     lines = (tmp_path / "defs/20-root.conf").read_text().splitlines()
     assert [line for line in lines if not line.startswith("#")] == [
@@ -111,7 +114,7 @@ def test_root_partition_definition(tmp_path: Path) -> None:
 
 def test_too_small_size_names_a_size_that_fits(tmp_path: Path) -> None:
     root = make_rootfs(tmp_path / "root")
-    partition = prepare(root, "ext4", tmp_path / "work")
+    partition = prepare(root, "ext4", tmp_path / "work", SAME)
     needed = disk_size_needed(60 * MiB, partition)
     assert needed == 60 * MiB + partition.min_bytes + 2 * MiB
     with pytest.raises(C2BootError, match=r"--size 100M is smaller than the 191M the content needs: use --size 200M "

@@ -214,3 +214,14 @@ def test_python_api_is_the_cli_pipeline() -> None:
 
     assert container2boot.build is pipeline.build and container2boot.assemble is pipeline.assemble
     assert container2boot.Config().output == Path("out")
+
+
+def test_shell_completion_completes_commands_and_options() -> None:
+    """Typer's completion, as bash asks for it (`c2boot --install-completion` sets that up)."""
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_C2BOOT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - 1)}
+        code = "from container2boot.cli import main; main()"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
+    assert "build" in complete("c2boot bui")
+    assert complete("c2boot build --diskim") == ["--diskimage"]
