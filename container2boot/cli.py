@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,17 +128,28 @@ def _report(result_output: Path, diskimage: bool) -> None:
 
 @app.command()
 @with_settings("build")
-def build(config: Config) -> None:
+def build(
+    build_context: Optional[Path] = typer.Argument(  # noqa: UP045 (typer needs typing.Optional)
+        None, help="Build context, as for podman build: its Containerfile (or --file) is built.", show_default=False,
+        metavar="CONTEXT"),
+    *,
+    config: Config,
+) -> None:
     """Build a machine image with podman and make it bootable (outputs in --output).
 
     \b
     c2boot build --diskimage                                # the bundled example machine
+    c2boot build -t localhost/my/machine --diskimage .      # ./Containerfile, like podman build
     c2boot build -f Containerfile --secret id=chpass,src=./creds --diskimage
     c2boot build --image localhost/my/machine:latest --diskimage
     c2boot build --format qcow2 --format vmdk --compress zst --test   # VM formats, boot-tested
     """
     from container2boot.pipeline import build as run_build
 
+    if build_context is not None:
+        if config.context is not None and config.context != build_context:
+            raise C2BootError(f"two build contexts: {build_context} and --context {config.context}: give one")
+        config = config.replace(context=build_context)
     result = run_build(config)
     _report(result.output, result.disk is not None)
     if result.boot_test is not None:
@@ -388,6 +400,50 @@ def esp_sync(
     from container2boot.espsync import sync
 
     sync(target_out, destination, dry_run=config.dry_run, delete=config.delete)
+
+
+cache_app = typer.Typer(help="The build cache: outputs of earlier builds, reused when the same image is built with "
+                        "the same settings.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@with_settings("cache")
+def cache_list(*, config: Config) -> None:
+    """What the cache holds, most recently used first: size, last use, image and settings.
+
+    \b
+    c2boot cache list
+    """
+    from container2boot.cache import Cache, default_directory
+
+    outputs_cache = Cache(default_directory(), config.cache_bytes)
+    entries = outputs_cache.entries()
+    for entry in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
+        print(f"{entry.key[:12]}  {entry.size / 2**20:8.0f} MiB  {used}  {entry.image} {entry.settings}".rstrip())
+    total = sum(entry.size for entry in entries)
+    print(f"{len(entries)} cached build(s), {total / 2**20:.0f} MiB of {config.cache_bytes / 2**20:.0f} MiB, in "
+          f"{outputs_cache.directory}")
+
+
+@cache_app.command("prune")
+@with_settings("cache")
+def cache_prune(*, config: Config) -> None:
+    """Remove cached outputs: all of them (--all), those unused for some days (--older-than), and the least
+    recently used ones beyond --cache-size.
+
+    \b
+    c2boot cache prune --older-than 30
+    c2boot cache prune --all
+    """
+    from container2boot.cache import Cache, default_directory
+
+    removed = Cache(default_directory(), config.cache_bytes).prune(
+        limit=config.cache_bytes, everything=config.prune_all,
+        unused_for=None if config.unused_days is None else config.unused_days * 86400)
+    freed = sum(entry.size for entry in removed)
+    logger.info("c2boot: removed %d cached build(s), %.0f MiB", len(removed), freed / 2**20)
 
 
 def format_report(report: Report, layout: str, plan: "Plan | None", verdict: str) -> str:

@@ -30,7 +30,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"(?=.{{1,64}}$){HOSTNAME_LABEL}(\.{HOSTNAME_LABEL})*")  # systemd takes up to 64
 
-Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt"]
+Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt", "cache"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class Setting:
 
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
-ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt"})
+ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt",
+                                     "cache"})
 MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
 BOOTING: frozenset[Command] = frozenset({"build", "run", "test", "ssh", "libvirt"})  # build boots with --test
 VM: frozenset[Command] = frozenset({"run", "test", "ssh"})
@@ -191,8 +192,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("containerfile", Path, None, "Build the machine image from this Containerfile "
             "(default: the bundled example machine).", ("--file", "-f"), BUILD, metavar="FILE",
             panel="Machine image"),
-    Setting("context", Path, None, "Build context for --file (default: the Containerfile's directory).",
-            ("--context",), BUILD, metavar="DIR", panel="Machine image"),
+    Setting("context", Path, None, "Build context (also the positional CONTEXT; default: the Containerfile's "
+            "directory). Without --file, its Containerfile or Dockerfile is built.", ("--context",), BUILD,
+            metavar="DIR", panel="Machine image"),
+    Setting("tag", str, None, "Name of the machine image built from --file or CONTEXT (default: "
+            "localhost/container2boot/custom:latest).", ("--tag", "-t"), BUILD, metavar="NAME",
+            panel="Machine image"),
+    Setting("build_args", str, (), "Build argument for the machine image, as for podman build. Repeatable.",
+            ("--build-arg",), BUILD, repeatable=True, metavar="KEY=VALUE", panel="Machine image"),
     Setting("secrets", str, (), "Build secret for the machine image, as for podman build "
             "(e.g. id=chpass,src=./creds). Repeatable.", ("--secret",), BUILD, repeatable=True,
             metavar="id=ID,src=PATH", panel="Machine image"),
@@ -201,6 +208,14 @@ SETTINGS: tuple[Setting, ...] = (
             panel="Machine image"),
     Setting("mirror", str, DEFAULT_MIRROR, "Debian mirror for bootstrapping the base image with mmdebstrap.",
             ("--mirror",), BUILD, metavar="URL", panel="Machine image"),
+    Setting("no_cache", bool, False, "Make every output again instead of copying those of an identical earlier "
+            "build, or its initrd, from the cache (the new ones still replace them there).", ("--no-cache",), BOTH),
+    Setting("cache_size", str, "20G", "Largest size of the build cache (in $XDG_CACHE_HOME/container2boot); the "
+            "least recently used outputs go first.", ("--cache-size",), frozenset({"build", "cache"}),
+            metavar="SIZE"),
+    Setting("unused_days", int, None, "With `cache prune`: remove the outputs not used for this many days.",
+            ("--older-than",), frozenset({"cache"}), metavar="DAYS"),
+    Setting("prune_all", bool, False, "With `cache prune`: empty the cache.", ("--all",), frozenset({"cache"})),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
             ("--verbose", "-v"), ALL),
 )
@@ -224,10 +239,16 @@ class Config:
     image: str | None = None
     containerfile: Path | None = None
     context: Path | None = None
+    tag: str | None = None
+    build_args: tuple[str, ...] = ()
     secrets: tuple[str, ...] = ()
     base_image: str = DEFAULT_BASE_IMAGE
     mirror: str = DEFAULT_MIRROR
     verbose: bool = False
+    no_cache: bool = False
+    cache_size: str = "20G"
+    unused_days: int | None = None
+    prune_all: bool = False
     netboot: bool = False
     formats: tuple[str, ...] = ()
     compress: str | None = None
@@ -298,6 +319,9 @@ class Config:
             raise C2BootError("--size and --rootfs-type apply to --layout installed: add --layout installed")
         if self.size is not None:
             parse_size(self.size)
+        parse_size(self.cache_size, "--cache-size")
+        if self.unused_days is not None and self.unused_days < 0:
+            raise C2BootError(f"--older-than {self.unused_days}: give a number of days, 0 or more")
         cmdline.check(self.cmdline, "--cmdline", reserved=cmdline.ROOM_FOR_DEFAULTS)
         cmdline.check(self.append, "--append", reserved=cmdline.ROOM_FOR_DEFAULTS)
         if self.table == "mbr" and not self.diskimage:
@@ -322,9 +346,13 @@ class Config:
                 raise C2BootError(f"--publish {spec!r}: write it as HOSTPORT:GUESTPORT, e.g. 8080:80")
         if self.image and self.containerfile:
             raise C2BootError("--image and --file exclude each other: build from a Containerfile or use an image")
-        if self.context and not self.containerfile:
-            raise C2BootError("--context only applies with --file")
-        for name in ("image", "kernel_image", "base_image", "mirror", "workdir"):
+        if self.image and (self.context or self.tag or self.build_args):
+            raise C2BootError("--image takes an image as it is: drop the build context, --tag and --build-arg, or "
+                              "build from a Containerfile instead")
+        for spec in self.build_args:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", spec, re.DOTALL):
+                raise C2BootError(f"--build-arg {spec!r}: write it as KEY=VALUE, e.g. --build-arg VERSION=1.2")
+        for name in ("image", "kernel_image", "base_image", "mirror", "workdir", "tag"):
             if getattr(self, name) == "":
                 raise C2BootError(f"--{name.replace('_', '-')} needs a value")
         for name in ("output", "containerfile", "context", "kernel_root", "cmdline", "append", "cmd", "entrypoint"):
@@ -346,6 +374,10 @@ class Config:
     @property
     def size_bytes(self) -> int | None:
         return None if self.size is None else parse_size(self.size)
+
+    @property
+    def cache_bytes(self) -> int:
+        return parse_size(self.cache_size, "--cache-size")
 
     @property
     def published_ports(self) -> tuple[tuple[int, int], ...]:

@@ -27,10 +27,11 @@ LIVE_DRIVERS = "vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs ero
 APP_DRIVERS = "=drivers/net/ethernet virtio_net button evdev"
 KMODDIR = "/tmp/c2boot-kmod/lib/modules"  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
 
-# $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", then the dracut command line.
+# $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", $5 a file to list the initrd's
+# paths in (NUL-separated; dracut runs with --keep) or "", then the dracut command line.
 SANDBOX_SCRIPT = r"""
 set -eu
-rootfs=$1 scratch=$2 dest=$3 kmoddir=$4; shift 4
+rootfs=$1 scratch=$2 dest=$3 kmoddir=$4 listing=$5; shift 5
 mkdir -p "$scratch/root"
 mount --rbind "$rootfs" "$scratch/root"
 mount -t tmpfs tmpfs "$scratch/root/tmp"
@@ -41,6 +42,11 @@ if [ -n "$kmoddir" ]; then
   mount --rbind "$kmoddir" "$scratch/root/tmp/c2boot-kmod/lib/modules/${kmoddir##*/}"
 fi
 chroot "$scratch/root" "$@" /tmp/initrd.img
+if [ -n "$listing" ]; then
+  for initdir in "$scratch/root/var/tmp"/dracut.*/initramfs "$scratch/root/tmp"/dracut.*/initramfs; do
+    if [ -d "$initdir" ]; then (cd "$initdir" && find . -mindepth 1 -printf '%P\0'); fi
+  done > "$listing"
+fi
 cp "$scratch/root/tmp/initrd.img" "$dest"
 chmod 0644 "$dest"
 """
@@ -80,11 +86,16 @@ def dracut_command(job: InitrdJob) -> list[str]:
             *layout, "--add-drivers", drivers]
 
 
-def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str] | None = None) -> None:
+def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str] | None = None,
+                 listing: Path | None = None) -> None:
     """Write the initrd to `dest`, made by `job.dracut_root`'s dracut in a user namespace (`env`: with
-    SOURCE_DATE_EPOCH, which dracut's reproducible mode stamps on every file)."""
+    SOURCE_DATE_EPOCH, which dracut's reproducible mode stamps on every file); with `listing`, also list the paths
+    it holds there (NUL-separated), for the initrd cache."""
+    dracut = dracut_command(job)
+    if listing is not None:
+        dracut.insert(1, "--keep")  # its staging tree stays (in the sandbox's tmpfs) to be listed
     run([
         "unshare", "--user", "--map-root-user", "--mount", "--",
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(), dest.absolute(),
-        job.kernel_modules.absolute() if job.kernel_modules else "", *dracut_command(job),
+        job.kernel_modules.absolute() if job.kernel_modules else "", listing.absolute() if listing else "", *dracut,
     ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")

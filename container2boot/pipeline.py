@@ -6,16 +6,21 @@ import re
 import shutil
 import tarfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from container2boot import accounts, bios, clouds, formats, lifecycle, reproducible, rootpartition, supplied
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
+from container2boot.cache import Cache, output_key
+from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, build_initrd
+from container2boot.initrdcache import InitrdCache
+from container2boot.initrdcache import recipe as initrd_recipe
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
@@ -29,8 +34,9 @@ from container2boot.tree import Tree
 CLOUD_FORMATS = {"azure": "vhd", "openstack": "qcow2"}  # clouds whose file is a --format's
 SQUASHFS_RATIO = 0.6  # squashfs.img / the files in it; measured 0.57 for the example with zstd
 
-if TYPE_CHECKING:  # the boot test runs on the host only, not in the rootbuilder's assemble stage
+if TYPE_CHECKING:  # the boot test and podman run on the host only, not in the rootbuilder's assemble stage
     from container2boot.bootcheck import BootReport
+    from container2boot.podman import MachineImage, Session
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,29 @@ def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
     return supplied.Supplied(tree, tuple(left_out))
 
 
+def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str], no_cache: bool) -> str:
+    """Build the initrd, or copy the one made of the very same files (see initrdcache.py); "built" or "reused"."""
+    if no_cache:
+        build_initrd(job, dest, scratch / "initrd", env)
+        return "built"
+    initrds = InitrdCache(cache_directory())
+    key = initrd_recipe(job, int(env["SOURCE_DATE_EPOCH"]))
+    if initrds.restore(job, key, dest):
+        logger.info("    the initrd is made of the same files as one made before: reused (--no-cache makes it again)")
+        return "reused"
+    listing = scratch / "initrd.files"
+    build_initrd(job, dest, scratch / "initrd", env, listing)
+    paths = [p for p in listing.read_text(errors="surrogateescape").split("\0") if p]
+    if not paths:  # dracut kept its tree elsewhere: what the initrd is made of is unknown, so it is not kept
+        logger.warning("    warning: dracut's staging tree was not found: the initrd is not kept in the cache")
+        return "built"
+    try:
+        initrds.store(job, key, dest, paths)
+    except OSError as e:
+        logger.warning("    warning: the initrd could not be kept in the cache (%s)", e.strerror or e)
+    return "built"
+
+
 def boot_cmdline(plan: Plan, job: InitrdJob, root_partition: rootpartition.RootPartition | None,
                  extra: str) -> str:
     """The kernel arguments: the layout's root (as the initrd's dracut takes them), the app's init (quiet, so the
@@ -218,7 +247,10 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                      f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
                      f"dracut (kernel {plan.kernel_version})"):
-        build_initrd(job, boot_dir / "initrd.img", scratch / "initrd", same.environment())
+        # Dated by the kernel, not by the image: a changed image with the same kernel can reuse the initrd and
+        # still get the very bytes a build without the cache would make.
+        kernel_date = int(kernel_report.kernel_image_path.stat().st_mtime)
+        initrd = make_initrd(job, boot_dir / "initrd.img", scratch, same.environment(kernel_date), config.no_cache)
     if root_partition is None:
         with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
             build_root_image(rootfs if extra is None else sources.root, boot_dir / "squashfs.img",
@@ -256,6 +288,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                                     "layout": config.layout, "root": root_description(config, root_partition),
                                     "netboot": config.netboot},
                               disk_images=disk_images, files=files, timings=timer.seconds, created=same.epoch)
+    manifest["cache"] = {"initrd": initrd}
     write_manifest(staging, manifest)
     if plan.access is not None and plan.access.password:
         keep_private(staging)
@@ -368,34 +401,92 @@ def inspect_image(source: str) -> tuple[Report, ImageConfig]:
 
 def build(config: Config) -> BuildResult:
     """Build (or take) the machine image with podman and assemble it in the rootbuilder container (with the
-    kernel image mounted too when the plan supplies a kernel); with --test, boot the result."""
-    from container2boot import bootcheck, podman  # host side only
+    kernel image mounted too when the plan supplies a kernel), or copy the outputs of an identical earlier build
+    from the cache; with --test, boot the result."""
+    from container2boot import podman  # host side only
 
     timer = StageTimer()
     if not config.image:
         podman.build_inputs(config)  # a wrong --file, --context or --secret fails before anything starts
+    outputs_cache = Cache(cache_directory(), config.cache_bytes)
     with staged_output(config.output, config.force) as staging, podman.session() as session:
         image = session.machine_image(config, timer)
-        with timer.stage("check", f"Checking that {image.reference} can boot"):
-            report = session.examine(image.image_id)
-            image_config = session.image_config(image.image_id)
-            plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
-        logger.info("    %s, %s", report.name, plan.describe())
-        need = output_bytes(report.size_bytes, config)
-        check_space(staging, need)
-        with space_explained(staging, need):
-            with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
-                rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
-            kernel_image = None
-            if plan.supplies_kernel or plan.uses_supplied_dracut:
-                with timer.stage("kernelimage", "Preparing the kernel image"):
-                    kernel_image = session.kernel_image(config)
-            with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
-                session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
-                                 kernel_image)
-        manifest = read_manifest(staging)
-        manifest["timings_seconds"] = {**timer.seconds, "assemble_stages": manifest["timings_seconds"]}
-        write_manifest(staging, manifest)
+        reused = False
+        if not config.no_cache:
+            with timer.stage("cache", "Looking for the same outputs in the cache"):
+                reused = any(outputs_cache.restore(key, staging) for key in output_keys(session, config, image))
+        if reused:
+            logger.info("    the same image was built with the same settings before: its outputs are reused "
+                        "(--no-cache makes them again)")
+            record_build(staging, timer, "reused")
+        else:
+            supplied = assemble_in_rootbuilder(session, image, staging, config, timer)
+            record_build(staging, timer, "built")
+            with timer.stage("store", "Keeping a copy of the outputs in the cache"):
+                key = output_keys(session, config, image, supplied)[-1]
+                outputs_cache.store(key, staging, image.reference, " ".join(cache_settings(config)))
+    return finish(config)
+
+
+def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: Path, config: Config,
+                            timer: StageTimer) -> bool:
+    """Check the image, then make its outputs in the rootbuilder container; whether a kernel image was supplied."""
+    with timer.stage("check", f"Checking that {image.reference} can boot"):
+        report = session.examine(image.image_id)
+        image_config = session.image_config(image.image_id)
+        plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
+    logger.info("    %s, %s", report.name, plan.describe())
+    need = output_bytes(report.size_bytes, config)
+    check_space(staging, need)
+    with space_explained(staging, need):
+        with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
+            rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
+        kernel_image = None
+        if plan.supplies_kernel or plan.uses_supplied_dracut:
+            with timer.stage("kernelimage", "Preparing the kernel image"):
+                kernel_image = session.kernel_image(config)
+        with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
+            session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
+                             kernel_image)
+    return kernel_image is not None
+
+
+def cache_settings(config: Config) -> list[str]:
+    """The settings that decide the outputs, given the image: exactly what the host hands to the assemble stage."""
+    return command_line(config, "assemble", skip={"output", "force", "verbose", "no_cache"})
+
+
+def output_keys(session: "Session", config: Config, image: "MachineImage", supplied: bool | None = None) -> list[str]:
+    """The cache keys of this build's outputs: by the image (its id and name), the rootbuilder, the supplied
+    kernel's image when the plan uses it (`supplied`; None: not known yet, so both keys), the settings, the source
+    date and the files the settings name."""
+    from container2boot.podman import container_inputs, kernel_tag  # host side only
+
+    rootbuilder = session.image(session.rootbuilder_tag(config.base_image))
+    kernel = session.image(kernel_tag(config))
+    parts = {"image": image.reference, "image_id": image.image_id,
+             "rootbuilder": rootbuilder.image_id if rootbuilder else None, "settings": cache_settings(config),
+             "source_date_epoch": config.source.get("source_date_epoch")}
+    inputs = [host for host, _ in container_inputs(config)[0]]
+    kernels = [None, kernel.image_id if kernel else None] if supplied is None else \
+        [kernel.image_id if supplied and kernel else None]
+    return [output_key({**parts, "kernel": k}, inputs) for k in kernels]
+
+
+def record_build(staging: Path, timer: StageTimer, how: str) -> None:
+    """The manifest says whether the outputs were built or reused from the cache, and this run's stage times
+    (with the assemble stage's own when it ran)."""
+    manifest = read_manifest(staging)
+    manifest["cache"] = {**manifest.get("cache", {}), "outputs": how} if how == "built" else {"outputs": how}
+    assembled = {"assemble_stages": manifest["timings_seconds"]} if how == "built" else {}
+    manifest["timings_seconds"] = {**timer.seconds, **assembled}
+    write_manifest(staging, manifest)
+
+
+def finish(config: Config) -> BuildResult:
+    """The published outputs; with --test, booted."""
+    from container2boot import bootcheck  # host side only
+
     result = _result(config.output)
     if not config.test:
         return result

@@ -26,6 +26,7 @@ from podman.errors import APIError, ImageNotFound, PodmanError
 
 from container2boot import lifecycle
 from container2boot.access import parse_secret
+from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import StageTimer, logger
@@ -40,6 +41,8 @@ KERNEL_REPO = "localhost/container2boot/kernel"
 KERNEL_ROOT = "/kernel"  # where the assemble container sees the kernel image
 INPUTS = "/run/c2boot-inputs"  # where it sees the files the settings name (keys, user-data, the password)
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
+CONTAINERFILE_NAMES = ("Containerfile", "Dockerfile")  # what podman build looks for in a context
+CONTAINER_CACHE_HOME = "/cache"  # XDG_CACHE_HOME in the rootbuilder, where the host's cache is mounted
 CUSTOM_MACHINE_TAG = "localhost/container2boot/custom:latest"
 SERVICE_START_SECONDS = 30
 GO_STRUCT = re.compile(r"\s*&[\w.]+\{.*$")  # e.g. ' &imagebuilder.Step{Env:[]string{...}, ...}'
@@ -53,6 +56,14 @@ class MachineImage:
     image_id: str
     digest: str | None
     created: int | None = None  # seconds since the epoch: the default source date of reproducible outputs
+
+
+def kernel_tag(config: Config) -> str:
+    """The kernel image to use: --kernel-image, else the bundled one's tag (the hash of its Containerfile and base)."""
+    if config.kernel_image:
+        return config.kernel_image
+    containerfile = containerfiles() / "Containerfile.kernel"
+    return f"{KERNEL_REPO}:{hashlib.sha256(containerfile.read_bytes() + config.base_image.encode()).hexdigest()[:16]}"
 
 
 def containerfiles() -> Path:
@@ -85,8 +96,15 @@ def build_inputs(config: Config) -> tuple[Path, Path]:
     starts; without --file, the bundled example's."""
     for spec in config.secrets:
         parse_secret(spec)
-    if config.containerfile is None:
+    if config.containerfile is None and config.context is None:
         return containerfiles() / "Containerfile.machine", containerfiles()
+    if config.containerfile is None:
+        assert config.context is not None
+        found = [config.context / n for n in CONTAINERFILE_NAMES if (config.context / n).is_file()]
+        if not config.context.is_dir() or not found:
+            raise C2BootError(f"{config.context} is not a build context with a Containerfile or Dockerfile: pass "
+                              "the directory that holds it, or name the file with --file")
+        return found[0], config.context
     if config.containerfile.is_dir():
         raise C2BootError(f"--file {config.containerfile} is a directory: pass the Containerfile itself (its "
                           "directory is the build context)")
@@ -277,13 +295,19 @@ class Session:
         for container in external_containers() - before:
             subprocess.run(["podman", "rm", "--force", container], capture_output=True, check=False)
 
-    def rootbuilder_image(self, base_image: str, mirror: str) -> str:
-        """The toolbox image with this container2boot inside, tagged by the hash of its build context."""
+    def rootbuilder_tag(self, base_image: str) -> str:
+        """The toolbox image's tag: the hash of its build context (this container2boot and its Containerfile)."""
         context = self.scratch / "rootbuilder"
-        package = Path(str(resources.files("container2boot")))
-        shutil.copytree(package, context / "container2boot", ignore=shutil.ignore_patterns(*CONTEXT_IGNORE))
-        shutil.copyfile(containerfiles() / "Containerfile.rootbuilder", context / "Containerfile.rootbuilder")
-        tag = f"{ROOTBUILDER_REPO}:{tree_digest(context, base_image)[:16]}"
+        if not context.exists():
+            package = Path(str(resources.files("container2boot")))
+            shutil.copytree(package, context / "container2boot", ignore=shutil.ignore_patterns(*CONTEXT_IGNORE))
+            shutil.copyfile(containerfiles() / "Containerfile.rootbuilder", context / "Containerfile.rootbuilder")
+        return f"{ROOTBUILDER_REPO}:{tree_digest(context, base_image)[:16]}"
+
+    def rootbuilder_image(self, base_image: str, mirror: str) -> str:
+        """The toolbox image with this container2boot inside, built when its tag is not there yet."""
+        tag = self.rootbuilder_tag(base_image)
+        context = self.scratch / "rootbuilder"
         if self.image(tag):
             logger.info("    %s is up to date", tag)
             return tag
@@ -301,8 +325,7 @@ class Session:
                 raise C2BootError(f"kernel image {config.kernel_image} not found locally and could not be pulled")
             return found.image_id
         containerfile = containerfiles() / "Containerfile.kernel"
-        digest = hashlib.sha256(containerfile.read_bytes() + config.base_image.encode()).hexdigest()[:16]
-        tag = f"{KERNEL_REPO}:{digest}"
+        tag = kernel_tag(config)
         if self.image(tag):
             logger.info("    %s is up to date", tag)
             return tag
@@ -329,9 +352,9 @@ class Session:
                 raise C2BootError(f"image {config.image} not found locally and could not be pulled: check the "
                                   "name with `podman images`, or build it first")
             return found
-        example = config.containerfile is None
+        example = config.containerfile is None and config.context is None
         containerfile, context = build_inputs(config)
-        tag = EXAMPLE_MACHINE_TAG if example else CUSTOM_MACHINE_TAG
+        tag = config.tag or (EXAMPLE_MACHINE_TAG if example else CUSTOM_MACHINE_TAG)
         build_secrets = list(config.secrets)
         with timer.stage("machine", f"Building the machine image {tag} from {containerfile}"):
             if example:
@@ -341,8 +364,9 @@ class Session:
             else:  # a Debian base that no registry serves here is bootstrapped, as the bundled images' is
                 for reference in debian_bases(containerfile.read_text(errors="replace")):
                     self.ensure_base_image(reference, config.mirror)
-            self.build_image(context, containerfile, tag, {"BASE": config.base_image} if example else {},
-                             build_secrets)
+            build_args = {"BASE": config.base_image} if example else {}
+            build_args |= dict(spec.split("=", 1) for spec in config.build_args)
+            self.build_image(context, containerfile, tag, build_args, build_secrets)
         found = self.image(tag)
         assert found is not None
         return found
@@ -385,17 +409,20 @@ class Session:
             config = config.replace(kernel_root=Path(KERNEL_ROOT))
         inputs, config = container_inputs(config)
         args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
+        cache = cache_directory()  # the initrd cache: the host's, shared by every build
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:  # an HTTP error is an OSError too: it must not pass for a failed write
             container = self.client.containers.create(
                 rootbuilder,
                 command=args,
                 image_volumes=volumes,
                 mounts=[{"type": "bind", "source": str(staging), "target": "/out"},
+                        {"type": "bind", "source": str(cache), "target": f"{CONTAINER_CACHE_HOME}/{cache.name}"},
                         *({"type": "bind", "source": str(host), "target": inside, "read_only": True}
                           for host, inside in inputs)],
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
-                             "C2BOOT_KERNEL_IMAGE": kernel_image or "",
+                             "C2BOOT_KERNEL_IMAGE": kernel_image or "", "XDG_CACHE_HOME": CONTAINER_CACHE_HOME,
                              "SOURCE_DATE_EPOCH": config.source.get("source_date_epoch") or str(image.created or "")},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )

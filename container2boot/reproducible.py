@@ -31,9 +31,10 @@ class Reproducible:
         """A UUID of its own for each `purpose` (a partition, a file system), the same in every rebuild."""
         return uuid.uuid5(self.seed, purpose)
 
-    def environment(self) -> dict[str, str]:
-        """The environment for tools that stamp times or draw random identifiers (repart, mkfs, mtools, dracut)."""
-        return {**os.environ, "SOURCE_DATE_EPOCH": str(self.epoch),
+    def environment(self, date: int | None = None) -> dict[str, str]:
+        """The environment for tools that stamp times or draw random identifiers (repart, mkfs, mtools, dracut);
+        `date` instead of the source date for what has a date of its own (the initrd: its kernel's)."""
+        return {**os.environ, "SOURCE_DATE_EPOCH": str(self.epoch if date is None else date),
                 "SYSTEMD_REPART_MKFS_OPTIONS_EXT4": f"-E hash_seed={self.uuid('ext4 hash seed')}"}
 
     def mbr_label_id(self) -> str:

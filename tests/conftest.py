@@ -61,13 +61,22 @@ def assert_rebuilt_identically(first: Path, again: Path) -> None:
     assert (first / "SHA256SUMS").read_text() == (again / "SHA256SUMS").read_text()
     subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=again, check=True)
     for manifest in manifests:
-        del manifest["timings_seconds"]
+        del manifest["timings_seconds"], manifest["cache"]
     assert manifests[0] == manifests[1]
 
 
 def require_host_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     assert not missing, f"missing on this host: {missing} (run scripts/setup-host)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_build_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The session's builds share a cache of their own: nothing from earlier runs is reused, nothing is left in
+    ~/.cache. Tests that need the stages to run pass --no-cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

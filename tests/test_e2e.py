@@ -11,7 +11,7 @@ import pytest
 
 from container2boot.disk import read_table
 from container2boot.podman import external_containers
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, boot_evidence, c2boot
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, boot_evidence, c2boot, derived_image
 
 pytestmark = pytest.mark.slow
 ESP_TYPE = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
@@ -30,9 +30,32 @@ def test_example_outputs(example_build: Path) -> None:
     assert {a["path"] for a in manifest["artifacts"]} >= {"disk.img", "esp/container2boot/squashfs.img"}
     assert all(len(a["sha256"]) == 64 and a["size"] > 0 for a in manifest["artifacts"])
     assert {"machine", "rootbuilder", "assemble"} <= set(manifest["timings_seconds"])
+    assert manifest["cache"] == {"initrd": "built", "outputs": "built"}
     assert manifest["tools"]["systemd-repart"].startswith("systemd 25")
     assert manifest["boot"]["firmware"] == ["uefi"] and manifest["boot"]["partition_table"] == "gpt"
     assert not (esp / "syslinux").exists()
+
+
+def test_the_same_build_again_copies_the_outputs_from_the_cache(example_build: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = c2boot("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", out)
+    assert "its outputs are reused" in result.stderr and "Assembling" not in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cache"] == {"outputs": "reused"} and "assemble_stages" not in manifest["timings_seconds"]
+    assert (out / "SHA256SUMS").read_text() == (example_build / "SHA256SUMS").read_text()
+    subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=out, check=True)
+    assert f"{EXAMPLE_IMAGE} --diskimage" in c2boot("cache", "list").stdout
+
+
+def test_a_changed_file_that_the_initrd_holds_makes_the_initrd_again(example_build: Path, tmp_path: Path) -> None:
+    """dracut takes every /etc/modprobe.d file: a new one means a new initrd. (test_e2e_bios shows the reuse.)"""
+    out = tmp_path / "out"
+    with derived_image("localhost/c2boot-test/modprobe:1", "echo 'options loop max_loop=8' > "
+                       "/etc/modprobe.d/c2boot-test.conf") as image:
+        c2boot("build", "--image", image, "-o", out)
+    assert json.loads((out / "manifest.json").read_text())["cache"] == {"initrd": "built", "outputs": "built"}
+    initrd = "esp/container2boot/initrd.img"
+    assert (out / initrd).read_bytes() != (example_build / initrd).read_bytes()
 
 
 def test_example_disk_layout(example_build: Path) -> None:
@@ -90,7 +113,7 @@ def test_an_app_command_the_image_lacks_fails_before_the_slow_steps(example_buil
 def test_ctrl_c_during_assemble_leaves_nothing(example_build: Path, tmp_path: Path) -> None:
     before = external_containers(check=True)
     out = tmp_path / "out"
-    process = subprocess.Popen([*C2BOOT, "build", "--image", EXAMPLE_IMAGE, "-o", str(out)],
+    process = subprocess.Popen([*C2BOOT, "build", "--image", EXAMPLE_IMAGE, "--no-cache", "-o", str(out)],
                                stderr=subprocess.PIPE, text=True)
     assert process.stderr is not None
     for line in process.stderr:

@@ -14,13 +14,15 @@ from tests.conftest import c2boot, require_host_tools
 
 IMAGE = "localhost/c2boot-test/bookworm:1"
 CONTAINERFILE = """FROM docker.io/library/debian:bookworm
+ARG GIVEN
 RUN apt-get update \\
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
       linux-image-amd64 systemd-sysv udev kmod dracut dracut-live openssh-server cloud-init \\
       ifupdown isc-dhcp-client iproute2 login passwd procps \\
  && rm -f /boot/initrd.img* && apt-get clean && rm -rf /var/lib/apt/lists/*
 RUN printf 'auto lo\\niface lo inet loopback\\nallow-hotplug enp0s2\\niface enp0s2 inet dhcp\\n' \\
-      > /etc/network/interfaces.d/c2boot
+      > /etc/network/interfaces.d/c2boot \
+ && echo "$GIVEN" > /etc/c2boot-build-arg
 """
 PASSWORD = "correct horse 42"
 
@@ -29,14 +31,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bookworm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`c2boot build -f` of the bookworm machine (its base bootstrapped when no registry has it), as a disk with
-    nothing added: no key, no user, no hostname."""
+    """`c2boot build CONTEXT` of the bookworm machine (its base bootstrapped when no registry has it), named with -t
+    and given a --build-arg, as podman build would; a disk with nothing added: no key, no user, no hostname."""
     require_host_tools("podman", "qemu-system-x86_64", "ssh", "ssh-keygen", "openssl", "debugfs", "sfdisk")
     context = tmp_path_factory.mktemp("bookworm")
     (context / "Containerfile").write_text(CONTAINERFILE)
     out = context / "out"
-    c2boot("build", "-f", context / "Containerfile", "--diskimage", "-o", out)
-    subprocess.run(["podman", "tag", "localhost/container2boot/custom:latest", IMAGE], check=True)
+    c2boot("build", "-t", IMAGE, "--build-arg", "GIVEN=from --build-arg", "--diskimage", "-o", out, context)
     yield out
     subprocess.run(["podman", "rmi", "--force", IMAGE], check=False, capture_output=True)
 
@@ -53,6 +54,11 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def image_file(path: str) -> str:
     return subprocess.run(["podman", "run", "--rm", "--entrypoint", "cat", IMAGE, path], check=True,
                           capture_output=True, text=True).stdout
+
+
+def test_the_context_tag_and_build_arg_work_as_in_podman_build(bookworm: Path) -> None:
+    assert image_file("/etc/c2boot-build-arg") == "from --build-arg\n"
+    assert json.loads((bookworm / "manifest.json").read_text())["source"]["image"] == IMAGE
 
 
 def test_bookworm_live_boots_and_its_systemd_252_reports(bookworm: Path) -> None:

@@ -34,7 +34,13 @@ def mbr_build(example_build: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def test_hybrid_disk_layout_and_manifest(hybrid_build: Path) -> None:
+def test_hybrid_disk_layout_and_manifest(hybrid_build: Path, example_build: Path) -> None:
+    """Also: the image differs from the example only outside the initrd (no signed shim), so the example's initrd
+    is reused from the cache."""
+    manifest = json.loads((hybrid_build / "manifest.json").read_text())
+    assert manifest["cache"] == {"initrd": "reused", "outputs": "built"}
+    initrd = "esp/container2boot/initrd.img"
+    assert (hybrid_build / initrd).read_bytes() == (example_build / initrd).read_bytes()
     table = read_table(hybrid_build / "disk.img")
     assert table.label == "gpt"
     [esp] = table.partitions

@@ -85,7 +85,7 @@ def before() -> Iterator[Leftovers]:
 def test_a_signal_during_assemble_leaves_nothing(example_build: Path, tmp_path: Path, before: Leftovers,
                                                  signum: int) -> None:
     """`timeout`, a cancelled CI job and a closed terminal stop a build like Ctrl-C does."""
-    process = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", tmp_path / "out")
+    process = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--no-cache", "-o", tmp_path / "out")
     wait_for(process, "==> Building the live initrd")
     time.sleep(2)
     process.send_signal(signum)
@@ -97,7 +97,7 @@ def test_a_signal_during_assemble_leaves_nothing(example_build: Path, tmp_path: 
 
 def test_sigkill_during_assemble_is_cleaned_up_by_the_next_run(example_build: Path, tmp_path: Path,
                                                                before: Leftovers) -> None:
-    process = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", tmp_path / "out")
+    process = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--no-cache", "-o", tmp_path / "out")
     wait_for(process, "==> Building the live initrd")
     services = our_processes("c2boot-podman-") - before.services
     process.kill()
@@ -129,7 +129,7 @@ def test_sigkill_during_an_image_build_is_cleaned_up_by_the_next_run(example_bui
 
 
 def test_ctrl_c_twice_still_removes_the_container(example_build: Path, tmp_path: Path, before: Leftovers) -> None:
-    process = start("build", "--image", EXAMPLE_IMAGE, "-o", tmp_path / "out")
+    process = start("build", "--image", EXAMPLE_IMAGE, "--no-cache", "-o", tmp_path / "out")
     wait_for(process, "==> Building the live initrd")
     time.sleep(1)
     process.send_signal(signal.SIGINT)
@@ -161,7 +161,7 @@ def test_stopping_c2boot_test_stops_qemu(example_build: Path, before: Leftovers,
 def test_a_second_build_into_the_same_output_fails_at_once(example_build: Path, tmp_path: Path) -> None:
     """Also: the first build, of the example with the example build's settings, gives the same bytes."""
     out = tmp_path / "out"
-    first = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", out)
+    first = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--no-cache", "-o", out)
     wait_for(first, "==> ")
     began = time.monotonic()
     second = c2boot("build", "--image", EXAMPLE_IMAGE, "--bios", "-o", out, check=False)

@@ -112,6 +112,11 @@ def test_build_inputs_are_checked_before_anything_starts(tmp_path: Path) -> None
         (["--image", "x", "--secret", f"id=a,src={containerfile}"], "--secret is for building the machine image"),
         (["-f", tmp_path / "missing"], "not found: check the --file path"),
         (["--cmdline", "a\nb"], "--cmdline contains a newline"),
+        ([tmp_path / "empty-context"], "is not a build context with a Containerfile or Dockerfile"),
+        ([tmp_path, "--context", tmp_path / "other"], "two build contexts"),
+        (["-f", containerfile, "--build-arg", "NOVALUE"], "--build-arg 'NOVALUE': write it as KEY=VALUE"),
+        (["--image", "x", "-t", "y"], "--image takes an image as it is"),
+        (["-t", "", "-f", containerfile], "--tag needs a value"),
     ]
     for args, message in cases:
         assert message in one_line_error(c2boot("build", "-o", out, *args, check=False))
