@@ -14,47 +14,33 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from container2boot import __version__, lifecycle
 from container2boot.initrd import InitrdJob, dracut_command
 from container2boot.log import logger
 from container2boot.manifest import sha256
+from container2boot.tree import Entry, resolve_links
 
 INPUTS = "inputs.json"
 INITRD = "initrd.img"
 DRACUT_OWN = ("etc/dracut.conf", "etc/dracut.conf.d", "usr/lib/dracut")  # their content is in the recipe
 ALWAYS_LISTED = ("etc/modprobe.d", "etc/cmdline.d", "usr/lib/modprobe.d")  # read whole by dracut, maybe empty now
-MAX_LINKS = 40
 KEEP = 3  # initrds kept per recipe (images that differ in what dracut takes), the most recently used
 
 
 def inside(root: Path, path: str) -> Path | None:
-    """`path` of the tree `root` with its links resolved inside the tree (an absolute link points into the tree,
-    as it does in the booted system); None when it does not exist."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = root.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            links += 1
-            if links > MAX_LINKS:
-                return None
-            target = os.readlink(candidate)
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            if target.startswith("/"):
-                resolved = []
-            continue
-        if not candidate.exists() and not candidate.is_symlink():
+    """`path` of the directory tree `root` with its links resolved inside the tree; None when it does not exist."""
+    def lookup(relative: str) -> Entry | None:
+        try:
+            mode = os.lstat(root / relative).st_mode
+        except OSError:
             return None
-        resolved.append(part)
-    return root.joinpath(*resolved)
+        return Entry("link", 0, os.readlink(root / relative)) if stat.S_ISLNK(mode) else Entry("file", 0)
+
+    resolved = resolve_links(path, lookup)
+    return None if resolved is None else root / resolved
 
 
 def content_digest(path: Path | None) -> str:

@@ -10,6 +10,7 @@ import posixpath
 import re
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -91,29 +92,7 @@ class Tree:
 
     def resolve(self, path: str) -> str | None:
         """The path with every symbolic link in it followed inside the tree; None when it does not exist."""
-        parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
-        resolved: list[str] = []
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = "/".join([*resolved, part])
-            entry = self.entries.get(candidate)
-            if entry is None:
-                return None
-            if entry.kind == "link":
-                hops += 1
-                if hops > MAX_LINK_HOPS:
-                    return None
-                if entry.target.startswith("/"):
-                    resolved = []
-                parts = [p for p in entry.target.split("/") if p not in ("", ".")] + parts
-                continue
-            resolved.append(part)
-        return "/".join(resolved)
+        return resolve_links(path, self.entries.get)
 
     def entry(self, path: str) -> Entry | None:
         resolved = self.resolve(path)
@@ -149,6 +128,33 @@ class Tree:
         """Where a file of a directory tree is on disk (links resolved inside the tree)."""
         assert self.directory is not None, "only a directory tree has real paths"
         return self.directory / (self.resolve(path) or path)
+
+
+def resolve_links(path: str, lookup: Callable[[str], Entry | None]) -> str | None:
+    """`path` with every symbolic link in it followed inside a tree whose entries `lookup` gives (an absolute link
+    points into the tree, as it does in the booted system); None when it does not exist."""
+    parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        entry = lookup("/".join([*resolved, part]))
+        if entry is None:
+            return None
+        if entry.kind == "link":
+            hops += 1
+            if hops > MAX_LINK_HOPS:
+                return None
+            if entry.target.startswith("/"):
+                resolved = []
+            parts = [p for p in entry.target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return "/".join(resolved)
 
 
 def _entry(mode: int, size: int, target: str) -> Entry:
