@@ -18,10 +18,11 @@ import typer
 from container2boot import __version__, lifecycle
 from container2boot.config import SETTINGS, Command, Config, Setting, load_config_file, make_config
 from container2boot.errors import ERROR_PREFIX, C2BootError
-from container2boot.log import logger, setup_logging
+from container2boot.log import DONE_PREFIX, logger, setup_logging
 from container2boot.rootfs import Report
 
 if TYPE_CHECKING:
+    from container2boot.pipeline import BuildResult
     from container2boot.plan import Plan
 
 app = typer.Typer(
@@ -77,7 +78,7 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
         def wrapper(**kwargs: Any) -> None:
             config_file = kwargs.pop("config_file")
             values = {s.name: kwargs.pop(s.name) for s in SETTINGS if command in s.commands}
-            setup_logging(bool(values.get("verbose")))
+            setup_logging(bool(values.get("verbose")), bool(values.get("quiet")))
             with reported_errors(command):
                 file_values = load_config_file(config_file, command) if config_file else {}
                 config = make_config(values, file_values, source=_source_from_environment(),
@@ -123,7 +124,7 @@ def _source_from_environment() -> dict[str, str]:
 
 
 def _report(result_output: Path, diskimage: bool) -> None:
-    logger.info("==> Done: %s/esp/%s", result_output, " and disk.img" if diskimage else "")
+    logger.info("%s%s/esp/%s", DONE_PREFIX, result_output, " and disk.img" if diskimage else "")
 
 
 @app.command()
@@ -132,6 +133,8 @@ def build(
     build_context: Optional[Path] = typer.Argument(  # noqa: UP045 (typer needs typing.Optional)
         None, help="Build context, as for podman build: its Containerfile (or --file) is built.", show_default=False,
         metavar="CONTEXT"),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on "
+                                     "stderr).", metavar=""),
     *,
     config: Config,
 ) -> None:
@@ -152,10 +155,36 @@ def build(
         config = config.replace(context=build_context)
     result = run_build(config)
     _report(result.output, result.disk is not None)
-    if result.boot_test is not None:
+    logger.info("%s", build_summary(result.manifest, result.output))
+    if json_output:
+        print(json.dumps(build_result_json(result), indent=2))
+    elif result.boot_test is not None:
         print(result.boot_test.summary())
-        if not result.boot_test.ok:
-            raise typer.Exit(EXIT_ERROR)
+    if result.boot_test is not None and not result.boot_test.ok:
+        raise typer.Exit(EXIT_ERROR)
+
+
+def build_summary(manifest: dict[str, Any], output: Path) -> str:
+    """What the build did, in a few lines: each stage's time, what was reused, each output's size."""
+    timings = manifest.get("timings_seconds", {})
+    inner = timings.get("assemble_stages", {})
+    cache = manifest.get("cache", {})
+    stages = ", ".join(f"{name} {seconds:.1f} s" + (f" ({cache[name]})" if name in cache else "")
+                       for name, seconds in {**timings, **inner}.items() if not isinstance(seconds, dict))
+    sizes = ", ".join(f"{a['path']} {a['size'] / 2**20:.0f} MiB" for a in manifest.get("artifacts", [])
+                      if a["path"].count("/") <= 2 and a["size"] >= 2**20)
+    how = "copied from the cache" if cache.get("outputs") == "reused" else "built"
+    return f"    stages: {stages}\n    outputs ({how}) in {output}: {sizes}"
+
+
+def build_result_json(result: "BuildResult") -> dict[str, Any]:
+    """`c2boot build --json`: where the outputs are, how they came about, and the boot test's verdict."""
+    return {"status": result.status, "output": str(result.output.absolute()), "esp": str(result.esp.absolute()),
+            "disk": str(result.disk.absolute()) if result.disk else None,
+            "manifest": str(result.manifest_path.absolute()), "cache": result.manifest.get("cache"),
+            "source": result.manifest.get("source"), "image_kind": result.manifest.get("image_kind"),
+            "artifacts": result.manifest.get("artifacts"), "timings_seconds": result.manifest.get("timings_seconds"),
+            "boot_test": result.boot_test.as_json() if result.boot_test else None}
 
 
 @app.command()

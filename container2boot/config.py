@@ -216,6 +216,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("unused_days", int, None, "With `cache prune`: remove the outputs not used for this many days.",
             ("--older-than",), frozenset({"cache"}), metavar="DAYS"),
     Setting("prune_all", bool, False, "With `cache prune`: empty the cache.", ("--all",), frozenset({"cache"})),
+    Setting("quiet", bool, False, "Print warnings and errors only, no progress.", ("--quiet", "-q"), ALL),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
             ("--verbose", "-v"), ALL),
 )
@@ -245,6 +246,7 @@ class Config:
     base_image: str = DEFAULT_BASE_IMAGE
     mirror: str = DEFAULT_MIRROR
     verbose: bool = False
+    quiet: bool = False
     no_cache: bool = False
     cache_size: str = "20G"
     unused_days: int | None = None

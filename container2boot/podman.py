@@ -29,7 +29,7 @@ from container2boot.access import parse_secret
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
-from container2boot.log import StageTimer, logger
+from container2boot.log import DONE_PREFIX, StageTimer, logger
 from container2boot.plan import ImageConfig
 from container2boot.reproducible import image_created
 from container2boot.rootfs import Report, examine
@@ -437,6 +437,8 @@ class Session:
                     for line in chunk.decode(errors="replace").splitlines():
                         if line.startswith(ERROR_PREFIX):
                             error = line.removeprefix(ERROR_PREFIX)  # the host reports it, once
+                        elif line.startswith(DONE_PREFIX):
+                            continue  # its /out is not where the outputs end up: the host says where
                         elif line.strip():
                             logger.info("%s", line)
                 status = container.wait()
