@@ -7,6 +7,7 @@ import shutil
 import tarfile
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_expl
 from container2boot.plan import ImageConfig, Plan, decide
 from container2boot.reproducible import Reproducible
 from container2boot.rootfs import Report, examine, examine_directory
-from container2boot.rootimage import build_root_image
+from container2boot.rootimage import packing
 from container2boot.run import run
 from container2boot.tree import Tree
 
@@ -244,18 +245,26 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     if root_partition is not None and extra is not None:
         root_partition = dataclasses.replace(root_partition, extra=extra.tree,
                                              replaced=(*root_partition.replaced, *extra.left_out))
-    with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
-                     f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
-                     f"dracut (kernel {plan.kernel_version})"):
-        # Dated by the kernel, not by the image: a changed image with the same kernel can reuse the initrd and
-        # still get the very bytes a build without the cache would make.
-        kernel_date = int(kernel_report.kernel_image_path.stat().st_mtime)
-        initrd = make_initrd(job, boot_dir / "initrd.img", scratch, same.environment(kernel_date), config.no_cache)
-    if root_partition is None:
-        with timer.stage("rootimage", f"Packing the root image (squashfs, {config.compression})"):
-            build_root_image(rootfs if extra is None else sources.root, boot_dir / "squashfs.img",
-                             config.compression, extra.tree if extra else None, extra.left_out if extra else (),
-                             same.environment())
+    with ExitStack() as background:
+        packed = None
+        packing_started = time.monotonic()
+        if root_partition is None:  # packed while dracut runs: the two do not depend on each other
+            logger.info("==> Packing the root image (squashfs, %s) in the background", config.compression)
+            packed = background.enter_context(packing(
+                rootfs if extra is None else sources.root, boot_dir / "squashfs.img", config.compression,
+                extra.tree if extra else None, extra.left_out if extra else (), same.environment()))
+        with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
+                         f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
+                         f"dracut (kernel {plan.kernel_version})"):
+            # Dated by the kernel, not by the image: a changed image with the same kernel can reuse the initrd and
+            # still get the very bytes a build without the cache would make.
+            kernel_date = int(kernel_report.kernel_image_path.stat().st_mtime)
+            initrd = make_initrd(job, boot_dir / "initrd.img", scratch, same.environment(kernel_date),
+                                 config.no_cache)
+        if packed is not None:
+            with timer.stage("rootimage", f"Finishing the root image (squashfs, {config.compression})"):
+                packed()
+            timer.seconds["rootimage"] = round(time.monotonic() - packing_started, 2)  # all of it, not the wait
     firmware = ["uefi", "bios"] if config.bios else ["uefi"]
     with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
         loader_roots = [sources.root, *([Path("/")] if plan.supplies_kernel else [])]

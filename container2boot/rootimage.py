@@ -5,11 +5,18 @@ hard links, symlinks and extended attributes (security.capability included) exac
 """
 
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import shlex
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from container2boot.run import require_tool, run, run_pipe
+from container2boot import lifecycle
+from container2boot.errors import C2BootError
+from container2boot.log import logger
+from container2boot.run import failure_message, require_tool
 
 # GNU tar would store POSIX ACLs as system.posix_acl_* xattrs; squashfs cannot hold them.
 # --sort=name: the same order on every host, whatever order its file system lists a directory in.
@@ -23,20 +30,46 @@ def tar2sqfs_command(dest: Path, compression: str) -> list[str]:
     return [require_tool("tar2sqfs"), "--quiet", "--no-skip", "--force", "--compressor", compression, str(dest)]
 
 
-def build_root_image(source: Path, dest: Path, compression: str, extra: Path | None = None,
-                     left_out: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> None:
-    """Pack `source` (a rootfs directory or a tar of one) into the squashfs file `dest`; with `extra` (a
-    directory), its files are added after the rootfs's (directories the rootfs has are not repeated), and the
-    rootfs's `left_out` paths (those `extra` replaces, or that are reset) are not packed."""
-    if extra is not None:
-        assert source.is_dir(), "files are added to a rootfs directory"
-        with merged_tar_command(source, extra, left_out) as tar:
-            run_pipe(tar, tar2sqfs_command(dest, compression), env)
-    elif source.is_dir():
-        run_pipe([*TAR_CREATE, "--directory", str(source), "."], tar2sqfs_command(dest, compression), env)
-    else:
-        with source.open("rb") as stream:
-            run(tar2sqfs_command(dest, compression), stdin=stream.fileno(), env=env)
+@contextmanager
+def packing(source: Path, dest: Path, compression: str, extra: Path | None = None, left_out: tuple[str, ...] = (),
+            env: Mapping[str, str] | None = None) -> Iterator[Callable[[], None]]:
+    """Start packing `source` (a rootfs directory or a tar of one) into the squashfs file `dest`, in the background
+    beside what the caller does next (dracut: the two do not depend on each other); yields the function that waits
+    for it and raises as `run()` does. Leaving early (an error, Ctrl-C) stops it. With `extra` (a directory), its
+    files are added after the rootfs's (directories the rootfs has are not repeated), and the rootfs's `left_out`
+    paths (those `extra` replaces, or that are reset) are not packed."""
+    with ExitStack() as stack:
+        producer: list[str] | None = None
+        if extra is not None:
+            assert source.is_dir(), "files are added to a rootfs directory"
+            producer = stack.enter_context(merged_tar_command(source, extra, left_out))
+        elif source.is_dir():
+            producer = [*TAR_CREATE, "--directory", str(source), "."]
+        errors = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(2)]
+        tar = None
+        if producer is not None:
+            logger.debug("$ %s |", shlex.join(producer))
+            tar = lifecycle.start_process([require_tool(producer[0]), *producer[1:]], stdout=subprocess.PIPE,
+                                          stderr=errors[0], env=env)
+        logger.debug("$ %s", shlex.join(tar2sqfs_command(dest, compression)))
+        packer = lifecycle.start_process(tar2sqfs_command(dest, compression),
+                                         stdin=tar.stdout if tar else stack.enter_context(source.open("rb")),
+                                         stdout=errors[1], stderr=errors[1], env=env)
+        if tar is not None and tar.stdout is not None:
+            tar.stdout.close()  # tar2sqfs's end only: when it fails, tar gets SIGPIPE
+
+        def wait() -> None:
+            for process, tool, output in ((packer, "tar2sqfs", errors[1]), (tar, "tar", errors[0])):
+                if process is not None and process.wait() not in (0, -signal.SIGPIPE):
+                    output.seek(0)
+                    raise C2BootError(failure_message(tool, process.returncode, output.read()))
+
+        try:
+            yield wait
+        finally:
+            for process in (packer, tar):
+                if process is not None:
+                    lifecycle.stop_process(process)
 
 
 @contextmanager

@@ -4,7 +4,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -118,25 +117,6 @@ def run(
     if not capture and result.stdout:
         logger.debug("%s", result.stdout.rstrip())
     return result
-
-
-def run_pipe(producer: Sequence[str | Path], consumer: Sequence[str | Path],
-             env: Mapping[str, str] | None = None) -> None:
-    """Run `producer | consumer` (both with `env`); a failure of either side is reported like `run()` does."""
-    first = [str(a) for a in producer]
-    require_tool(first[0])
-    logger.debug("$ %s | %s", shlex.join(first), shlex.join(str(a) for a in consumer))
-    with tempfile.TemporaryFile(mode="w+") as producer_stderr:
-        process = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=producer_stderr, text=True,
-                                   env=None if env is None else dict(env))
-        assert process.stdout is not None
-        try:
-            run(consumer, stdin=process.stdout.fileno(), env=env)
-        finally:
-            process.stdout.close()
-            if process.wait() != 0 and process.returncode != -13:  # SIGPIPE: the consumer already failed
-                producer_stderr.seek(0)
-                raise C2BootError(failure_message(Path(first[0]).name, process.returncode, producer_stderr.read()))
 
 
 def failure_message(tool: str, returncode: int, output: str) -> str:
