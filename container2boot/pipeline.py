@@ -6,8 +6,8 @@ import re
 import shutil
 import tarfile
 import time
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -422,7 +422,7 @@ def build(config: Config) -> BuildResult:
         image = session.machine_image(config, timer)
         reused = False
         if not config.no_cache:
-            with timer.stage("cache", "Looking for the same outputs in the cache"):
+            with timer.stage("cache", "Looking for the same outputs in the cache"), cache_trouble(outputs_cache):
                 reused = any(outputs_cache.restore(key, staging) for key in output_keys(session, config, image))
         if reused:
             logger.info("    the same image was built with the same settings before: its outputs are reused "
@@ -431,10 +431,24 @@ def build(config: Config) -> BuildResult:
         else:
             supplied = assemble_in_rootbuilder(session, image, staging, config, timer)
             record_build(staging, timer, "built")
-            with timer.stage("store", "Keeping a copy of the outputs in the cache"):
+            with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
+                    cache_trouble(outputs_cache, storing=True):
                 key = output_keys(session, config, image, supplied)[-1]
                 outputs_cache.store(key, staging, image.reference, " ".join(cache_settings(config)))
     return finish(config)
+
+
+@contextmanager
+def cache_trouble(outputs_cache: Cache, storing: bool = False) -> Iterator[None]:
+    """A cache that cannot be read or written (a read-only or full home) costs time, never the build. (A copy out
+    of the cache that fails has written to the outputs: that one is the build's error.)"""
+    try:
+        yield
+    except (OSError, C2BootError) as e:
+        if isinstance(e, C2BootError) and not storing:
+            raise
+        logger.warning("    warning: the build cache in %s cannot be used (%s): going on without it",
+                       outputs_cache.directory, e.strerror if isinstance(e, OSError) and e.strerror else e)
 
 
 def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: Path, config: Config,

@@ -410,14 +410,19 @@ class Session:
         inputs, config = container_inputs(config)
         args = command_line(config, "assemble", skip={"output", "force"})  # it writes to /out, staged here
         cache = cache_directory()  # the initrd cache: the host's, shared by every build
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            cache_mounts = [{"type": "bind", "source": str(cache), "target": f"{CONTAINER_CACHE_HOME}/{cache.name}"}]
+        except OSError as e:  # the rootbuilder's own /cache then, which goes with its container
+            logger.warning("    warning: the build cache in %s cannot be used (%s)", cache, e.strerror or e)
+            cache_mounts = []
         try:  # an HTTP error is an OSError too: it must not pass for a failed write
             container = self.client.containers.create(
                 rootbuilder,
                 command=args,
                 image_volumes=volumes,
                 mounts=[{"type": "bind", "source": str(staging), "target": "/out"},
-                        {"type": "bind", "source": str(cache), "target": f"{CONTAINER_CACHE_HOME}/{cache.name}"},
+                        *cache_mounts,
                         *({"type": "bind", "source": str(host), "target": inside, "read_only": True}
                           for host, inside in inputs)],
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",

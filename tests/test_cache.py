@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from container2boot.cache import Cache, output_key
+from container2boot.errors import C2BootError
 from container2boot.manifest import artifacts, sha256, write_manifest
+from container2boot.pipeline import cache_trouble
 from tests.conftest import c2boot
 
 MiB = 1024 * 1024
@@ -132,3 +134,17 @@ def test_cache_list_and_prune_on_the_command_line(tmp_path: Path, monkeypatch: p
     assert c2boot("cache", "list").stdout.startswith("0 cached build(s)")
     bad = c2boot("cache", "prune", "--older-than", "-1", check=False)
     assert bad.returncode == 1 and "--older-than -1: give a number of days" in bad.stderr
+
+
+def test_a_cache_that_cannot_be_used_costs_time_not_the_build(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a-file").write_text("")
+    unusable = Cache(tmp_path / "a-file/container2boot", 1024 * MiB)  # a home that is not a directory
+    with caplog.at_level(logging.WARNING):
+        with cache_trouble(unusable):
+            assert not unusable.restore("k1", tmp_path)
+        with cache_trouble(unusable, storing=True):
+            unusable.store("k1", make_outputs(tmp_path / "out"), "img", "")
+    assert caplog.text.count("cannot be used") == 2 and "going on without it" in caplog.text
+    with pytest.raises(C2BootError), cache_trouble(unusable):  # a failed copy into the outputs stops the build
+        raise C2BootError("cp failed")
