@@ -30,6 +30,7 @@ from container2boot.run import run
 
 ENTRY = "entry.json"  # what the entry is and the sha256 of every file in it
 LAST_USED = "last-used"  # its modification time is when the entry was last stored or used
+LEFTOVER_SECONDS = 3600  # a half-written entry this old belongs to a killed build, not to one storing now
 
 
 @dataclass(frozen=True)
@@ -104,20 +105,24 @@ class Cache:
                 self._remove(entry)
                 return False
             copy_tree(entry / "outputs", staging)
-            (entry / LAST_USED).touch()
+            with contextlib.suppress(OSError):  # the outputs are there: a read-only cache only loses its order
+                (entry / LAST_USED).touch()
         return True
 
     def store(self, key: str, outputs: Path, image: str, settings: str) -> None:
-        """Keep a copy of the finished `outputs` under `key`; then evict the least recently used entries beyond the
-        limit. Another build that stored the same key first wins: both copies are the same."""
-        with self._locked(exclusive=False), \
-                lifecycle.temporary_directory(".c2boot-partial-", self.entries_directory) as partial:
-            copy_tree(outputs, partial / "outputs")
-            files = recorded_digests(partial / "outputs")
-            (partial / ENTRY).write_text(json.dumps({"key": key, "image": image, "settings": settings,
-                                                     "stored": time.time(), "files": files}, indent=2) + "\n")
-            (partial / LAST_USED).touch()
-            with contextlib.suppress(FileExistsError, OSError):
+        """Keep a copy of the finished `outputs` under `key`, in place of any entry stored there before (--no-cache
+        builds refresh it); then evict the least recently used entries beyond the limit."""
+        self.entries_directory.mkdir(parents=True, exist_ok=True)
+        with lifecycle.temporary_directory(".c2boot-partial-", self.entries_directory) as partial:
+            with self._locked(exclusive=False):  # written beside the entries, while others read theirs
+                copy_tree(outputs, partial / "outputs")
+                files = recorded_digests(partial / "outputs")
+                (partial / ENTRY).write_text(json.dumps({"key": key, "image": image, "settings": settings,
+                                                         "stored": time.time(), "files": files}, indent=2) + "\n")
+                (partial / LAST_USED).touch()
+            with self._locked(exclusive=True):  # swapped in while nobody reads the old one
+                if (self.entries_directory / key).exists():
+                    self._remove(self.entries_directory / key)
                 partial.rename(self.entries_directory / key)
                 partial.mkdir()  # for temporary_directory's cleanup
         self.prune(limit=self.limit)
@@ -163,10 +168,14 @@ class Cache:
         the removed entries."""
         removed = []
         with self._locked(exclusive=True):
-            if everything:
-                shutil.rmtree(self.directory / "initrd", ignore_errors=True)
-            for leftover in self.entries_directory.glob(".c2boot-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+            for initrd in self.directory.glob("initrd/*/[0-9a-f]*"):  # kept by initrdcache, a few per recipe
+                with contextlib.suppress(OSError):
+                    if everything or (unused_for is not None and time.time() - initrd.stat().st_mtime > unused_for):
+                        shutil.rmtree(initrd, ignore_errors=True)
+            for leftover in self.entries_directory.glob(".c2boot-*"):  # killed while storing, not storing now
+                with contextlib.suppress(OSError):
+                    if time.time() - leftover.stat().st_mtime > LEFTOVER_SECONDS:
+                        shutil.rmtree(leftover, ignore_errors=True)
             total = 0
             now = time.time()
             for entry in self.entries():

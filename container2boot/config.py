@@ -464,6 +464,10 @@ def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | 
     return Config(**merged, **extra)
 
 
+# Settings that change how a run looks or whether it uses the cache, never the bytes it writes.
+NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cache", "cache_size"})
+
+
 def command_line(config: Config, command: Command, skip: Collection[str] = ()) -> list[str]:
     """Options that give `command` the same settings as `config`: how the host hands its settings to the
     assemble stage inside the rootbuilder, without listing them a second time."""

@@ -13,12 +13,13 @@ import contextlib
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import stat
 from pathlib import Path
 
 from container2boot import __version__, lifecycle
-from container2boot.initrd import InitrdJob, dracut_command
+from container2boot.initrd import SANDBOX_SCRIPT, InitrdJob, dracut_command
 from container2boot.log import logger
 from container2boot.manifest import sha256
 from container2boot.tree import Entry, resolve_links
@@ -27,6 +28,11 @@ INPUTS = "inputs.json"
 INITRD = "initrd.img"
 DRACUT_OWN = ("etc/dracut.conf", "etc/dracut.conf.d", "usr/lib/dracut")  # their content is in the recipe
 ALWAYS_LISTED = ("etc/modprobe.d", "etc/cmdline.d", "usr/lib/modprobe.d")  # read whole by dracut, maybe empty now
+# What dracut runs to make the initrd (compressors, cpio, depmod, ldconfig) and the early microcode it prepends,
+# which its staging tree does not show: their content is in the recipe.
+DRACUT_TOOLS = ("usr/bin/zstd", "usr/bin/xz", "usr/bin/gzip", "usr/bin/pigz", "usr/bin/lz4", "usr/bin/cpio",
+                "usr/bin/kmod", "usr/sbin/depmod", "usr/sbin/ldconfig", "sbin/ldconfig",
+                "usr/lib/firmware/intel-ucode", "usr/lib/firmware/amd-ucode")
 KEEP = 3  # initrds kept per recipe (images that differ in what dracut takes), the most recently used
 
 
@@ -43,15 +49,25 @@ def inside(root: Path, path: str) -> Path | None:
     return None if resolved is None else root / resolved
 
 
-def content_digest(path: Path | None) -> str:
-    """What decides a file's part in the initrd: its content, or a directory's listing; "absent" if missing."""
-    if path is None:
+def listing_digest(path: Path | None) -> str:
+    """A directory's names (a new file in it may be taken by dracut); "absent" if it is not a directory."""
+    if path is None or not path.is_dir():
         return "absent"
-    if path.is_dir():
-        return "dir:" + hashlib.sha256("\0".join(sorted(os.listdir(path))).encode()).hexdigest()
-    if path.is_file():
-        return sha256(path)
-    return "other"
+    return "dir:" + hashlib.sha256("\0".join(sorted(os.listdir(path))).encode()).hexdigest()
+
+
+def file_digest(job: InitrdJob, path: str) -> str:
+    """What decides a copied file's part in the initrd, as dracut-install copies it: the link the path itself is
+    (if it is one), and the mode, owner, time and content of the file it leads to; "absent" if missing."""
+    directory = source_of(job, posixpath.dirname(path))
+    target = source_of(job, path)
+    if directory is None or target is None:
+        return "absent"
+    own = directory / posixpath.basename(path)
+    link = os.readlink(own) if own.is_symlink() else ""
+    status = target.stat()
+    body = sha256(target) if stat.S_ISREG(status.st_mode) else "dir" if stat.S_ISDIR(status.st_mode) else "other"
+    return f"{link}\0{status.st_mode:o} {status.st_uid}:{status.st_gid} {int(status.st_mtime)}\0{body}"
 
 
 def tree_digest(root: Path, paths: tuple[str, ...]) -> str:
@@ -66,7 +82,7 @@ def tree_digest(root: Path, paths: tuple[str, ...]) -> str:
             relative = str(path.relative_to(start))
             link = os.readlink(path) if path.is_symlink() else ""
             body = sha256(path) if path.is_file() and not path.is_symlink() else ""
-            digest.update(f"{top}/{relative}\0{link}\0{body}\n".encode())
+            digest.update(f"{top}/{relative}\0{link}\0{path.lstat().st_mode:o}\0{body}\n".encode())
     return digest.hexdigest()
 
 
@@ -82,17 +98,27 @@ def recipe(job: InitrdJob, epoch: int) -> str:
         for path in sorted(modules.rglob("*")):
             listing.update(f"{path.relative_to(modules)}\0{path.lstat().st_size}\n".encode())
     text = json.dumps({"container2boot": __version__, "dracut": dracut_command(job), "version": job.dracut_version,
-                       "kernel": job.kernel_version, "epoch": epoch, "modules": listing.hexdigest(),
-                       "dracut files": tree_digest(job.dracut_root, DRACUT_OWN)}, sort_keys=True)
+                       "sandbox": SANDBOX_SCRIPT, "kernel": job.kernel_version, "epoch": epoch,
+                       "modules": listing.hexdigest(), "dracut files": tree_digest(job.dracut_root, DRACUT_OWN),
+                       "tools": tree_digest(job.dracut_root, DRACUT_TOOLS)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def source_of(job: InitrdJob, path: str) -> Path | None:
     """Where the initrd's `path` came from: the kernel modules' tree for the modules, else the dracut tree."""
     for prefix in (f"usr/lib/modules/{job.kernel_version}/", f"lib/modules/{job.kernel_version}/"):
-        if job.kernel_modules is not None and path.startswith(prefix):
-            return inside(job.kernel_modules, path.removeprefix(prefix))
+        if job.kernel_modules is not None and f"{path}/".startswith(prefix):
+            return inside(job.kernel_modules, path[len(prefix):])
     return inside(job.dracut_root, path)
+
+
+def ancestors(path: str) -> list[str]:
+    """"a/b/c" -> ["a/b", "a", ""]."""
+    found = []
+    while path:
+        path = posixpath.dirname(path)
+        found.append(path)
+    return found
 
 
 def fingerprint(job: InitrdJob, initrd_paths: list[str]) -> dict[str, str]:
@@ -102,16 +128,17 @@ def fingerprint(job: InitrdJob, initrd_paths: list[str]) -> dict[str, str]:
     for path in initrd_paths:
         source = source_of(job, path)
         if source is None or source.is_dir():
-            continue  # made by dracut (or a directory: its files are listed one by one)
-        recorded[path] = content_digest(source)
-        directories.add(os.path.dirname(path))
+            continue  # made by dracut (or a directory: what it holds is listed below)
+        recorded[path] = file_digest(job, path)
+        directories.update(ancestors(path))
     for directory in directories:
-        recorded[f"{directory}/"] = content_digest(source_of(job, directory))
+        recorded[f"{directory}/"] = listing_digest(source_of(job, directory))
     return recorded
 
 
 def still_the_same(job: InitrdJob, recorded: dict[str, str]) -> bool:
-    return all(content_digest(source_of(job, path.rstrip("/"))) == digest for path, digest in recorded.items())
+    return all((listing_digest(source_of(job, path[:-1])) if path.endswith("/") else file_digest(job, path))
+               == digest for path, digest in recorded.items())
 
 
 class InitrdCache:
@@ -144,8 +171,11 @@ class InitrdCache:
         with lifecycle.temporary_directory(".c2boot-partial-", self.directory / key) as partial:
             shutil.copyfile(initrd, partial / INITRD)
             (partial / INPUTS).write_text(json.dumps({"sha256": sha256(initrd), "inputs": inputs}) + "\n")
-            with contextlib.suppress(OSError):  # the same entry stored by a concurrent build
-                partial.rename(self.directory / key / entry_id)
+            target = self.directory / key / entry_id
+            if target.exists():  # made again (--no-cache): the new one replaces it
+                shutil.rmtree(target, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the same entry stored by a concurrent build meanwhile
+                partial.rename(target)
                 partial.mkdir()
         for stale in sorted((self.directory / key).glob("[0-9a-f]*"), key=lambda p: p.stat().st_mtime)[:-KEEP]:
             shutil.rmtree(stale, ignore_errors=True)

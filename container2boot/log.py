@@ -50,6 +50,7 @@ class StageTimer:
     def stage(self, name: str, what: str) -> Iterator[None]:
         start = time.monotonic()
         live = not self._live and sys.stderr.isatty() and logger.isEnabledFor(logging.INFO)
+        finished = False
         try:
             if live:
                 self._live = True
@@ -61,11 +62,12 @@ class StageTimer:
             else:
                 logger.info("==> %s  [%s]", what, time.strftime("%H:%M:%S"))
                 yield
+            finished = True
         finally:
             self._live = self._live and not live
             elapsed = time.monotonic() - start
             self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 2)
-            if live:
+            if live and finished:
                 logger.info("==> %s (%.1f s)", what, elapsed)
             else:
                 logger.debug("    %s took %.1f s", name, elapsed)

@@ -16,7 +16,7 @@ from container2boot import accounts, bios, clouds, formats, lifecycle, reproduci
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.cache import Cache, output_key
 from container2boot.cache import default_directory as cache_directory
-from container2boot.config import Config, command_line
+from container2boot.config import NOT_OUTPUT_SETTINGS, Config, command_line
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, build_initrd
@@ -146,7 +146,7 @@ def reproducibility(config: Config) -> Reproducible:
     date = config.source.get("source_date_epoch")
     epoch = reproducible.source_date_epoch(date) if date else int(time.time())
     image = config.source.get("id") or config.source.get("digest") or config.source.get("image", "")
-    return reproducible.decide(epoch, image, command_line(config, "assemble", skip={"output", "force"}))
+    return reproducible.decide(epoch, image, command_line(config, "assemble", skip=NOT_OUTPUT_SETTINGS))
 
 
 def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
@@ -189,13 +189,11 @@ def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
 
 
 def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str], no_cache: bool) -> str:
-    """Build the initrd, or copy the one made of the very same files (see initrdcache.py); "built" or "reused"."""
-    if no_cache:
-        build_initrd(job, dest, scratch / "initrd", env)
-        return "built"
+    """Build the initrd, or copy the one made of the very same files (see initrdcache.py); "built" or "reused".
+    With `no_cache` it is made again, and replaces the cached one."""
     initrds = InitrdCache(cache_directory())
     key = initrd_recipe(job, int(env["SOURCE_DATE_EPOCH"]))
-    if initrds.restore(job, key, dest):
+    if not no_cache and initrds.restore(job, key, dest):
         logger.info("    the initrd is made of the same files as one made before: reused (--no-cache makes it again)")
         return "reused"
     listing = scratch / "initrd.files"
@@ -429,11 +427,10 @@ def build(config: Config) -> BuildResult:
                         "(--no-cache makes them again)")
             record_build(staging, timer, "reused")
         else:
-            supplied = assemble_in_rootbuilder(session, image, staging, config, timer)
+            key = assemble_in_rootbuilder(session, image, staging, config, timer)
             record_build(staging, timer, "built")
             with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
                     cache_trouble(outputs_cache, storing=True):
-                key = output_keys(session, config, image, supplied)[-1]
                 outputs_cache.store(key, staging, image.reference, " ".join(cache_settings(config)))
     return finish(config)
 
@@ -452,8 +449,9 @@ def cache_trouble(outputs_cache: Cache, storing: bool = False) -> Iterator[None]
 
 
 def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: Path, config: Config,
-                            timer: StageTimer) -> bool:
-    """Check the image, then make its outputs in the rootbuilder container; whether a kernel image was supplied."""
+                            timer: StageTimer) -> str:
+    """Check the image, then make its outputs in the rootbuilder container. Returns the key to keep them under in
+    the cache: taken once the rootbuilder and kernel images are there, before the files it reads are read."""
     with timer.stage("check", f"Checking that {image.reference} can boot"):
         report = session.examine(image.image_id)
         image_config = session.image_config(image.image_id)
@@ -468,15 +466,16 @@ def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: 
         if plan.supplies_kernel or plan.uses_supplied_dracut:
             with timer.stage("kernelimage", "Preparing the kernel image"):
                 kernel_image = session.kernel_image(config)
+        key = output_keys(session, config, image, supplied=kernel_image is not None)[-1]
         with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
             session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
                              kernel_image)
-    return kernel_image is not None
+    return key
 
 
 def cache_settings(config: Config) -> list[str]:
     """The settings that decide the outputs, given the image: exactly what the host hands to the assemble stage."""
-    return command_line(config, "assemble", skip={"output", "force", "verbose", "no_cache"})
+    return command_line(config, "assemble", skip=NOT_OUTPUT_SETTINGS)
 
 
 def output_keys(session: "Session", config: Config, image: "MachineImage", supplied: bool | None = None) -> list[str]:

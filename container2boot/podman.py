@@ -428,7 +428,8 @@ class Session:
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
                              "C2BOOT_KERNEL_IMAGE": kernel_image or "", "XDG_CACHE_HOME": CONTAINER_CACHE_HOME,
-                             "SOURCE_DATE_EPOCH": config.source.get("source_date_epoch") or str(image.created or "")},
+                             "SOURCE_DATE_EPOCH": config.source.get("source_date_epoch")
+                             or ("" if image.created is None else str(image.created))},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )
         except APIError as e:

@@ -62,7 +62,8 @@ def image_created(created: str) -> int | None:
     match = re.fullmatch(r"(.+?T\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)", created.strip())
     if match is None:
         return None
-    return int(datetime.fromisoformat(match[1] + match[2].replace("Z", "+00:00")).timestamp())
+    seconds = int(datetime.fromisoformat(match[1] + match[2].replace("Z", "+00:00")).timestamp())
+    return seconds if seconds >= 0 else None  # Go's zero time (year 1): no date at all
 
 
 def decide(epoch: int, image: str, settings: list[str]) -> Reproducible:

@@ -46,15 +46,21 @@ def packing(source: Path, dest: Path, compression: str, extra: Path | None = Non
         elif source.is_dir():
             producer = [*TAR_CREATE, "--directory", str(source), "."]
         errors = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(2)]
+        consumer = tar2sqfs_command(dest, compression)  # a missing tool fails before anything starts
         tar = None
         if producer is not None:
             logger.debug("$ %s |", shlex.join(producer))
             tar = lifecycle.start_process([require_tool(producer[0]), *producer[1:]], stdout=subprocess.PIPE,
                                           stderr=errors[0], env=env)
-        logger.debug("$ %s", shlex.join(tar2sqfs_command(dest, compression)))
-        packer = lifecycle.start_process(tar2sqfs_command(dest, compression),
-                                         stdin=tar.stdout if tar else stack.enter_context(source.open("rb")),
-                                         stdout=errors[1], stderr=errors[1], env=env)
+        logger.debug("$ %s", shlex.join(consumer))
+        try:
+            packer = lifecycle.start_process(consumer,
+                                             stdin=tar.stdout if tar else stack.enter_context(source.open("rb")),
+                                             stdout=errors[1], stderr=errors[1], env=env)
+        except BaseException:
+            if tar is not None:
+                lifecycle.stop_process(tar)
+            raise
         if tar is not None and tar.stdout is not None:
             tar.stdout.close()  # tar2sqfs's end only: when it fails, tar gets SIGPIPE
 

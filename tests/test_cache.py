@@ -76,19 +76,22 @@ def test_a_damaged_entry_is_removed_and_not_used(cache: Cache, tmp_path: Path, d
 def test_half_written_entries_are_never_used_and_pruned(cache: Cache, tmp_path: Path) -> None:
     cache.store("k1", make_outputs(tmp_path / "out"), "img", "")
     partial = cache.entries_directory / ".c2boot-partial-killed"
-    (partial / "outputs").mkdir(parents=True)  # a build killed while storing
+    (partial / "outputs").mkdir(parents=True)  # a build killed while storing, an hour ago
+    os.utime(partial, (time.time() - 3601,) * 2)
+    storing = cache.entries_directory / ".c2boot-partial-storing"
+    storing.mkdir()  # another build storing now
     assert [e.key for e in cache.entries()] == ["k1"]
     cache.prune()
-    assert not partial.exists() and [e.key for e in cache.entries()] == ["k1"]
+    assert not partial.exists() and storing.exists() and [e.key for e in cache.entries()] == ["k1"]
 
 
-def test_the_same_key_stored_twice_keeps_one_intact_entry(cache: Cache, tmp_path: Path) -> None:
-    """Two concurrent builds of the same image: the second store finds the entry there and leaves it."""
-    outputs = make_outputs(tmp_path / "out")
-    cache.store("k1", outputs, "img", "")
-    cache.store("k1", outputs, "img", "")
+def test_the_same_key_stored_again_replaces_the_entry(cache: Cache, tmp_path: Path) -> None:
+    """A --no-cache build (or a concurrent one) stores the same key again: one intact entry, the newer."""
+    cache.store("k1", make_outputs(tmp_path / "out"), "img", "")
+    cache.store("k1", make_outputs(tmp_path / "newer", b"rebuilt kernel"), "img", "")
     (tmp_path / "again").mkdir()
     assert cache.restore("k1", tmp_path / "again") and len(cache.entries()) == 1
+    assert (tmp_path / "again/esp/container2boot/vmlinuz").read_bytes() == b"rebuilt kernel"
     assert not list(cache.entries_directory.glob(".c2boot-*"))
 
 

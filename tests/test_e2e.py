@@ -48,10 +48,11 @@ def test_the_same_build_again_copies_the_outputs_from_the_cache(example_build: P
 
 
 def test_a_changed_file_that_the_initrd_holds_makes_the_initrd_again(example_build: Path, tmp_path: Path) -> None:
-    """dracut takes every /etc/modprobe.d file: a new one means a new initrd. (test_e2e_bios shows the reuse.)"""
+    """dracut takes every /usr/lib/modprobe.d file: a new one means a new initrd. (test_e2e_bios shows the
+    reuse.)"""
     out = tmp_path / "out"
     with derived_image("localhost/c2boot-test/modprobe:1", "echo 'options loop max_loop=8' > "
-                       "/etc/modprobe.d/c2boot-test.conf") as image:
+                       "/usr/lib/modprobe.d/c2boot-test.conf") as image:
         c2boot("build", "--image", image, "-o", out)
     assert json.loads((out / "manifest.json").read_text())["cache"] == {"initrd": "built", "outputs": "built"}
     initrd = "esp/container2boot/initrd.img"

@@ -59,6 +59,18 @@ def test_only_what_the_initrd_took_counts(tmp_path: Path, change: str, same: boo
     assert still_the_same(job_for(root), recorded) is same
 
 
+def test_a_changed_mode_or_link_also_counts(tmp_path: Path) -> None:
+    """dracut-install copies modes and links as they are: a dropped setuid bit or a relinked file is a change."""
+    root = make_tree(tmp_path / "root")
+    recorded = fingerprint(job_for(root), INITRD_PATHS)
+    (root / "usr/bin/systemctl").chmod(0o4755)
+    assert not still_the_same(job_for(root), recorded)
+    (root / "usr/bin/systemctl").chmod(0o644)
+    (root / "etc/os-release").unlink()
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")  # the same file through another link
+    assert not still_the_same(job_for(root), recorded)
+
+
 def test_another_trees_modules_are_read_from_that_tree(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "root")
     modules = tmp_path / "kernel/usr/lib/modules" / KVER
