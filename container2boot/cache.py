@@ -167,17 +167,17 @@ class Cache:
         recently used ones until the rest fit in `limit` bytes; also what killed builds left half written. Returns
         the removed entries."""
         removed = []
+        now = time.time()
         with self._locked(exclusive=True):
             for initrd in self.directory.glob("initrd/*/[0-9a-f]*"):  # kept by initrdcache, a few per recipe
                 with contextlib.suppress(OSError):
-                    if everything or (unused_for is not None and time.time() - initrd.stat().st_mtime > unused_for):
+                    if everything or (unused_for is not None and now - initrd.stat().st_mtime > unused_for):
                         shutil.rmtree(initrd, ignore_errors=True)
             for leftover in self.entries_directory.glob(".c2boot-*"):  # killed while storing, not storing now
                 with contextlib.suppress(OSError):
-                    if time.time() - leftover.stat().st_mtime > LEFTOVER_SECONDS:
+                    if now - leftover.stat().st_mtime > LEFTOVER_SECONDS:
                         shutil.rmtree(leftover, ignore_errors=True)
             total = 0
-            now = time.time()
             for entry in self.entries():
                 total += entry.size
                 if everything or (unused_for is not None and now - entry.last_used > unused_for) or \

@@ -146,7 +146,7 @@ def reproducibility(config: Config) -> Reproducible:
     date = config.source.get("source_date_epoch")
     epoch = reproducible.source_date_epoch(date) if date else int(time.time())
     image = config.source.get("id") or config.source.get("digest") or config.source.get("image", "")
-    return reproducible.decide(epoch, image, command_line(config, "assemble", skip=NOT_OUTPUT_SETTINGS))
+    return reproducible.decide(epoch, image, output_settings(config))
 
 
 def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootPartition | None,
@@ -431,7 +431,7 @@ def build(config: Config) -> BuildResult:
             record_build(staging, timer, "built")
             with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
                     cache_trouble(outputs_cache, storing=True):
-                outputs_cache.store(key, staging, image.reference, " ".join(cache_settings(config)))
+                outputs_cache.store(key, staging, image.reference, " ".join(output_settings(config)))
     return finish(config)
 
 
@@ -473,8 +473,9 @@ def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: 
     return key
 
 
-def cache_settings(config: Config) -> list[str]:
-    """The settings that decide the outputs, given the image: exactly what the host hands to the assemble stage."""
+def output_settings(config: Config) -> list[str]:
+    """The settings that decide the outputs' bytes, given the image: what the host hands to the assemble stage but
+    those that only change how a run looks or whether it uses the cache. The seed and the cache key both take them."""
     return command_line(config, "assemble", skip=NOT_OUTPUT_SETTINGS)
 
 
@@ -487,7 +488,7 @@ def output_keys(session: "Session", config: Config, image: "MachineImage", suppl
     rootbuilder = session.image(session.rootbuilder_tag(config.base_image))
     kernel = session.image(kernel_tag(config))
     parts = {"image": image.reference, "image_id": image.image_id,
-             "rootbuilder": rootbuilder.image_id if rootbuilder else None, "settings": cache_settings(config),
+             "rootbuilder": rootbuilder.image_id if rootbuilder else None, "settings": output_settings(config),
              "source_date_epoch": config.source.get("source_date_epoch")}
     inputs = [host for host, _ in container_inputs(config)[0]]
     kernels = [None, kernel.image_id if kernel else None] if supplied is None else \
