@@ -15,7 +15,7 @@ from container2boot.templates import render_to
 
 ESP_LABEL = "C2BOOT"
 CONSOLE_ARGS = "console=tty0 console=ttyS0,115200"  # the screen and the first serial port
-BOOT_DIR = "container2boot"  # the ESP directory that holds vmlinuz, initrd.img and squashfs.img
+BOOT_DIR = "container2boot"  # the ESP directory that holds vmlinuz, initrd.img and the root image
 MENU_TIMEOUT = 3
 GRUB_MODULES = (
     "part_gpt", "part_msdos", "fat", "normal", "linux", "boot", "configfile", "search", "search_label",
@@ -55,10 +55,11 @@ SIGNED_LOADERS = (
 )
 
 
-def live_cmdline(extra: str, dracut_version: str | None = None) -> str:
+def live_cmdline(extra: str, dracut_version: str | None = None, root_image: str = "squashfs.img") -> str:
     """dmsquash-live finds the ESP by its FAT label (the same on GPT and MBR disks and on a USB stick) and mounts
-    squashfs.img with a tmpfs overlay, asked for as the initrd's dracut (`dracut_version`) understands it."""
-    base = (f"root=live:LABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg=squashfs.img "
+    the root image (squashfs or EROFS, whichever it holds) with a tmpfs overlay, asked for as the initrd's dracut
+    (`dracut_version`) understands it."""
+    base = (f"root=live:LABEL={ESP_LABEL} rd.live.dir=/{BOOT_DIR} rd.live.squashimg={root_image} "
             f"rd.live.image {dracut_live_overlay_args(dracut_version)} {CONSOLE_ARGS}")
     return f"{base} {extra}".strip()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from container2boot import __version__, lifecycle
 from container2boot.config import SETTINGS, Command, Config, Setting, load_config_file, make_config
@@ -25,7 +26,28 @@ if TYPE_CHECKING:
     from container2boot.pipeline import BuildResult
     from container2boot.plan import Plan
 
+class _FlagsTakeNoValue:
+    """Flags typer makes itself (--help, --install-completion...) get no `<bool>` beside them in --help, as
+    ours have none: typer 0.29 shows the type of every option without a metavar."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class CommandWithFlags(_FlagsTakeNoValue, TyperCommand):
+    pass
+
+
 app = typer.Typer(
+    cls=Group,
     help="Turn a container image into a bootable disk image, as a normal user: no sudo, no loop devices, "
     "no mounts.",
     no_args_is_help=True,
@@ -62,7 +84,6 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
             option = typer.Option(
                 None, *setting.flags, help=setting.help + default_note, show_default=False,
                 metavar=_metavar(setting), rich_help_panel=setting.panel,
-                is_flag=True if setting.kind is bool else None,
             )
             annotation = _annotation(setting.kind, setting.repeatable)
             params.append(inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -127,7 +148,7 @@ def _report(result_output: Path, diskimage: bool) -> None:
     logger.info("%s%s/esp/%s", DONE_PREFIX, result_output, " and disk.img" if diskimage else "")
 
 
-@app.command()
+@app.command(cls=CommandWithFlags)
 @with_settings("build")
 def build(
     build_context: Optional[Path] = typer.Argument(  # noqa: UP045 (typer needs typing.Optional)
@@ -187,7 +208,7 @@ def build_result_json(result: "BuildResult") -> dict[str, Any]:
             "boot_test": result.boot_test.as_json() if result.boot_test else None}
 
 
-@app.command()
+@app.command(cls=CommandWithFlags)
 @with_settings("assemble")
 def assemble(
     rootfs: Path = typer.Argument(..., help="The machine's root filesystem: a directory or a tar "
@@ -207,7 +228,7 @@ def assemble(
     _report(result.output, result.disk is not None)
 
 
-@app.command("inspect")
+@app.command("inspect", cls=CommandWithFlags)
 @with_settings("inspect")
 def inspect_command(
     image: str = typer.Argument(..., help="A podman image reference, a rootfs directory, or a tar of one.",
@@ -246,7 +267,7 @@ def inspect_command(
 TARGET_HELP = "The output directory of `c2boot build`, or one of its disk images (disk.img, disk.qcow2, ...)."
 
 
-@app.command("run")
+@app.command("run", cls=CommandWithFlags)
 @with_settings("run")
 def run_command(
     target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
@@ -284,7 +305,7 @@ def run_command(
         raise typer.Exit(app_status)
 
 
-@app.command("test")
+@app.command("test", cls=CommandWithFlags)
 @with_settings("test")
 def test_command(
     target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
@@ -308,7 +329,7 @@ def test_command(
         raise typer.Exit(EXIT_ERROR)
 
 
-@app.command("ssh")
+@app.command("ssh", cls=CommandWithFlags)
 @with_settings("ssh")
 def ssh_command(
     target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
@@ -334,7 +355,7 @@ def ssh_command(
         raise typer.Exit(status)
 
 
-@app.command("libvirt")
+@app.command("libvirt", cls=CommandWithFlags)
 @with_settings("libvirt")
 def libvirt_command(
     target: Path = typer.Argument(..., help=TARGET_HELP, show_default=False, metavar="OUT"),
@@ -363,7 +384,7 @@ def libvirt_command(
         print(libvirt.domain_xml(domain), end="")
 
 
-@app.command()
+@app.command(cls=CommandWithFlags)
 @with_settings("serve")
 def serve(
     target: Path = typer.Argument(..., help="The output directory of a `c2boot build --netboot`.",
@@ -388,10 +409,11 @@ def serve(
         print(f"Serving {directory} on http://{config.address}:{port}/ (Ctrl-C stops)\n")
         if config.address not in ("127.0.0.1", "localhost"):
             url = f"http://{netboot.lan_address() if config.address == '0.0.0.0' else config.address}:{port}"
-            lan_args = netboot.netboot_cmdline(built.cmdline, f"{url}/squashfs.img")
+            lan_args = netboot.netboot_cmdline(built.cmdline, f"{url}/{netboot.root_image(directory)}")
             print(f"Kernel arguments for a machine on the network:\n  {lan_args}\n\n"
                   f"iPXE script:\n  #!ipxe\n  kernel {url}/vmlinuz {lan_args}\n  initrd {url}/initrd.img\n  boot\n")
-        guest_args = netboot.netboot_cmdline(built.cmdline, f"http://{GUEST_HOST_ADDRESS}:{port}/squashfs.img")
+        guest_args = netboot.netboot_cmdline(built.cmdline,
+                                             f"http://{GUEST_HOST_ADDRESS}:{port}/{netboot.root_image(directory)}")
         print(f"Kernel arguments for a QEMU guest on this host (user network):\n  {guest_args}\n\n"
               "QEMU command:\n"
               f"  qemu-system-x86_64 -machine q35 -m 2048 -nographic -nic user,model=virtio-net-pci "
@@ -403,11 +425,11 @@ def serve(
             logger.info("c2boot: stopped serving")
 
 
-esp_app = typer.Typer(help="Put the ESP tree on a USB stick for bare metal.", no_args_is_help=True)
+esp_app = typer.Typer(cls=Group, help="Put the ESP tree on a USB stick for bare metal.", no_args_is_help=True)
 app.add_typer(esp_app, name="esp")
 
 
-@esp_app.command("sync")
+@esp_app.command("sync", cls=CommandWithFlags)
 @with_settings("sync")
 def esp_sync(
     target_out: Path = typer.Argument(..., help="The output directory of `c2boot build` (its esp/ is copied).",
@@ -431,12 +453,12 @@ def esp_sync(
     sync(target_out, destination, dry_run=config.dry_run, delete=config.delete)
 
 
-cache_app = typer.Typer(help="The build cache: outputs of earlier builds, reused when the same image is built with "
-                        "the same settings.", no_args_is_help=True)
+cache_app = typer.Typer(cls=Group, help="The build cache: outputs of earlier builds, reused when the same image is "
+                        "built with the same settings.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
-@cache_app.command("list")
+@cache_app.command("list", cls=CommandWithFlags)
 @with_settings("cache")
 def cache_list(*, config: Config) -> None:
     """What the cache holds, most recently used first: size, last use, image and settings.
@@ -456,7 +478,7 @@ def cache_list(*, config: Config) -> None:
           f"{outputs_cache.directory}")
 
 
-@cache_app.command("prune")
+@cache_app.command("prune", cls=CommandWithFlags)
 @with_settings("cache")
 def cache_prune(*, config: Config) -> None:
     """Remove cached outputs: all of them (--all), those unused for some days (--older-than), and the least
@@ -504,7 +526,7 @@ def format_report(report: Report, layout: str, plan: "Plan | None", verdict: str
     return "\n".join([*lines, f"{'OK' if plan else 'CANNOT BOOT'}: {verdict}"])
 
 
-@app.command()
+@app.command(cls=CommandWithFlags)
 def doctor(
     output: Path = typer.Option(Path("out"), "--output", "-o", help="The output directory whose free space counts.",
                                 metavar="DIR"),

@@ -8,7 +8,6 @@ Anything else is refused, and so is the host's own ESP: overwriting its boot loa
 import hashlib
 import os
 import stat
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from container2boot import lifecycle
 from container2boot.bootloader import ESP_LABEL
 from container2boot.errors import C2BootError
-from container2boot.log import logger
+from container2boot.log import StageTimer, logger
 from container2boot.run import failure_message, run
 
 FAT_TYPES = ("vfat", "msdos")
@@ -269,25 +268,6 @@ def plan_sync(files: dict[str, Path], target: Target, delete: bool) -> SyncPlan:
     return plan
 
 
-class Progress:
-    """Bytes written so far, shown as a percentage on a terminal (one line per file otherwise)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.shown = max(total, 1), 0, -1
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, count: int) -> None:
-        self.done += count
-        percent = self.done * 100 // self.total
-        if self.tty and percent != self.shown:
-            self.shown = percent
-            print(f"\r    {percent:3d}% of {self.total / 1e6:.0f} MB", end="", file=sys.stderr, flush=True)
-
-    def finish(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
-
 def sync(out: Path, target: Path, *, dry_run: bool = False, delete: bool = False,
          mountinfo: str | None = None) -> SyncPlan:
     """Copy OUT/esp's new and changed files to `target` (with `delete`, also remove files the ESP tree does not
@@ -307,10 +287,10 @@ def sync(out: Path, target: Path, *, dry_run: bool = False, delete: bool = False
         logger.info("  %sdelete %s", verb, name)
     if not dry_run:
         destination.check_space(plan)
-        progress = Progress(plan.copy_bytes)
-        for name in plan.copy:
-            destination.copy(name, files[name], progress)
-        progress.finish()
+        with StageTimer().stage("copy", f"Copying {len(plan.copy)} file(s) to {destination.describe()}") as progress:
+            progress.size(plan.copy_bytes)
+            for name in plan.copy:
+                destination.copy(name, files[name], progress.advance)
         for name in plan.delete:
             destination.delete(name)
         if isinstance(destination, DirectoryTarget):

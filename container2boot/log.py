@@ -2,8 +2,9 @@
 
 Every slow stage runs inside `stage()`, which says what is happening (on stderr, so stdout stays usable for
 machine-readable output) and records how long it took for the manifest. On a terminal the running stage shows a
-live elapsed time and ends with its time; elsewhere (CI logs, pipes) each stage is one plain line with the time of
-day it started.
+live elapsed time, a bar with the bytes done where the stage knows its size, and what it is doing now (the
+rootbuilder's current step), and ends with its time; elsewhere (CI logs, pipes) each stage is one plain line with
+the time of day it started.
 """
 
 import logging
@@ -12,10 +13,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 logger = logging.getLogger("container2boot")
+STAGE_PREFIX = "==> "  # a stage's line: in the rootbuilder's output, the step the host shows it at
 DONE_PREFIX = "==> Done: "  # the last line of a build; the host drops the rootbuilder's (it names the container's /out)
 
 
@@ -39,6 +52,37 @@ def setup_logging(verbose: bool, quiet: bool = False) -> None:
     logger.propagate = False
 
 
+class _WhenSized(ProgressColumn):
+    """A column shown only once the stage has said how big its work is (no pulsing bar for the others)."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> RenderableType:
+        return self.column.render(task) if task.total else Text("")
+
+
+class StageProgress:
+    """What a running stage tells the terminal: the size of its work, how much is done, what it does now. Off a
+    terminal it shows nothing (the plain log has the stage lines)."""
+
+    def __init__(self, progress: Progress | None = None, task: TaskID | None = None) -> None:
+        self._progress, self._task = progress, task
+
+    def size(self, total: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=max(total, 1))
+
+    def advance(self, done: int) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, done)
+
+    def now(self, what: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, now=what)
+
+
 class StageTimer:
     """Collects the duration of each named stage, in the order they ran."""
 
@@ -47,7 +91,7 @@ class StageTimer:
         self._live = False  # a stage is showing its elapsed time: stages inside it print plain lines
 
     @contextmanager
-    def stage(self, name: str, what: str) -> Iterator[None]:
+    def stage(self, name: str, what: str) -> Iterator[StageProgress]:
         start = time.monotonic()
         live = not self._live and sys.stderr.isatty() and logger.isEnabledFor(logging.INFO)
         finished = False
@@ -55,13 +99,14 @@ class StageTimer:
             if live:
                 self._live = True
                 console = Console(stderr=True)
-                with Progress(SpinnerColumn(), TextColumn("[bold]==>[/bold] {task.description}"), TimeElapsedColumn(),
-                              console=console, transient=True, redirect_stderr=True) as progress:
-                    progress.add_task(what, total=None)
-                    yield
+                with Progress(SpinnerColumn(), TextColumn("[bold]==>[/bold] {task.description}"),
+                              _WhenSized(BarColumn(bar_width=24)), _WhenSized(DownloadColumn()), TimeElapsedColumn(),
+                              TextColumn("[dim]{task.fields[now]}"), console=console, transient=True,
+                              redirect_stderr=True) as progress:
+                    yield StageProgress(progress, progress.add_task(what, total=None, now=""))
             else:
-                logger.info("==> %s  [%s]", what, time.strftime("%H:%M:%S"))
-                yield
+                logger.info("%s%s  [%s]", STAGE_PREFIX, what, time.strftime("%H:%M:%S"))
+                yield StageProgress()
             finished = True
         finally:
             self._live = self._live and not live

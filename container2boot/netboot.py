@@ -1,4 +1,4 @@
-"""Network boot: serve esp/container2boot over HTTP, so that dracut's livenet module can fetch squashfs.img (and a
+"""Network boot: serve esp/container2boot over HTTP, so that dracut's livenet module can fetch the root image (and a
 PXE/iPXE loader the kernel and initrd), and say which kernel arguments make a machine boot from it."""
 
 import functools
@@ -13,6 +13,7 @@ from typing import Any
 from container2boot.bootloader import BOOT_DIR
 from container2boot.errors import C2BootError
 from container2boot.log import logger
+from container2boot.rootimage import FILES
 
 # The disk boot's arguments that name the root on the ESP; a network boot names a URL instead.
 DISK_ROOT_ARGS = ("root=", "rd.live.dir=", "rd.live.squashimg=")
@@ -24,12 +25,17 @@ def netboot_cmdline(disk_cmdline: str, url: str, extra: str = "") -> str:
     return " ".join([f"root=live:{url}", "rd.neednet=1", "ip=dhcp", *kept, *extra.split()])
 
 
+def root_image(directory: Path) -> str:
+    """The name of the live root image in `directory` (esp/container2boot): squashfs.img or erofs.img."""
+    return next((name for name in FILES.values() if (directory / name).is_file()), "")
+
+
 def boot_files(out: Path, manifest: dict[str, Any]) -> Path:
     """OUT/esp/container2boot, after checking that the build can boot over the network."""
     directory = out / "esp" / BOOT_DIR
-    if not (directory / "squashfs.img").is_file():
-        raise C2BootError(f"{out} has no esp/{BOOT_DIR}/squashfs.img: network boots need the live layout "
-                          "(`c2boot build --netboot`)")
+    if not root_image(directory):
+        raise C2BootError(f"{out} has no esp/{BOOT_DIR}/{' or '.join(FILES.values())}: network boots need the live "
+                          "layout (`c2boot build --netboot`)")
     if not manifest.get("boot", {}).get("netboot"):
         raise C2BootError(f"{out} was built without --netboot, so its initrd cannot fetch the root over the network: "
                           "rebuild with `c2boot build --netboot`")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import accounts, bios, clouds, formats, lifecycle, reproducible, rootpartition, supplied
+from container2boot import accounts, bios, clouds, formats, lifecycle, reproducible, rootimage, rootpartition, supplied
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.cache import Cache, output_key
 from container2boot.cache import default_directory as cache_directory
@@ -28,12 +28,10 @@ from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_expl
 from container2boot.plan import ImageConfig, Plan, decide
 from container2boot.reproducible import Reproducible
 from container2boot.rootfs import Report, examine, examine_directory
-from container2boot.rootimage import packing
 from container2boot.run import run
 from container2boot.tree import Tree
 
 CLOUD_FORMATS = {"azure": "vhd", "openstack": "qcow2"}  # clouds whose file is a --format's
-SQUASHFS_RATIO = 0.6  # squashfs.img / the files in it; measured 0.57 for the example with zstd
 
 if TYPE_CHECKING:  # the boot test and podman run on the host only, not in the rootbuilder's assemble stage
     from container2boot.bootcheck import BootReport
@@ -127,6 +125,10 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                 if plan.supplies_kernel:
                     assert kernel_report.kernel is not None
                     plan = plan.with_kernel_version(kernel_report.kernel.version)
+            if not installed:
+                dracut_report = sources.report if not plan.uses_supplied_dracut else sources.kernel_report
+                rootimage.check_bootable(config.root_format, config.compression, sources.kernel_tree[0],
+                                         plan.kernel_version, dracut_report.dracut_version if dracut_report else None)
         logger.info("    %s, %s", sources.report.name, plan.describe())
         for warning in cloud_warnings(sources.report, config):
             logger.warning("    warning: %s", warning)
@@ -210,13 +212,14 @@ def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str
 
 
 def boot_cmdline(plan: Plan, job: InitrdJob, root_partition: rootpartition.RootPartition | None,
-                 extra: str) -> str:
+                 config: Config) -> str:
     """The kernel arguments: the layout's root (as the initrd's dracut takes them), the app's init (quiet, so the
     console is the app's), the user's."""
+    extra = config.cmdline
     if plan.init == "app":
         extra = f"init={supplied.INIT} quiet {extra}".strip()
     if root_partition is None:
-        return live_cmdline(extra, job.dracut_version)
+        return live_cmdline(extra, job.dracut_version, rootimage.FILES[config.root_format])
     return installed_cmdline(root_partition.partuuid, root_partition.fstype, extra)
 
 
@@ -232,7 +235,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
         title=f"{report.name} (container2boot {config.layout})",
         kernel=f"/{BOOT_DIR}/vmlinuz",
         initrd=f"/{BOOT_DIR}/initrd.img",
-        cmdline=boot_cmdline(plan, job, root_partition, config.cmdline),
+        cmdline=boot_cmdline(plan, job, root_partition, config),
     )
     kernel_root, kernel_report = sources.kernel_tree
     shutil.copyfile(kernel_report.kernel_image_path, boot_dir / "vmlinuz")
@@ -245,12 +248,14 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                                              replaced=(*root_partition.replaced, *extra.left_out))
     with ExitStack() as background:
         packed = None
-        packing_started = time.monotonic()
+        root_image = f"{config.root_format}, {config.compression}"
         if root_partition is None:  # packed while dracut runs: the two do not depend on each other
-            logger.info("==> Packing the root image (squashfs, %s) in the background", config.compression)
-            packed = background.enter_context(packing(
-                rootfs if extra is None else sources.root, boot_dir / "squashfs.img", config.compression,
-                extra.tree if extra else None, extra.left_out if extra else (), same.environment()))
+            logger.info("==> Packing the root image (%s) in the background", root_image)
+            packer = rootimage.pack_command(config.root_format, boot_dir / rootimage.FILES[config.root_format],
+                                            config.compression, same)
+            packed = background.enter_context(rootimage.packing(
+                rootfs if extra is None else sources.root, packer, extra.tree if extra else None,
+                extra.left_out if extra else (), same.environment()))
         with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                          f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
                          f"dracut (kernel {plan.kernel_version})"):
@@ -260,9 +265,9 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
             initrd = make_initrd(job, boot_dir / "initrd.img", scratch, same.environment(kernel_date),
                                  config.no_cache)
         if packed is not None:
-            with timer.stage("rootimage", f"Finishing the root image (squashfs, {config.compression})"):
-                packed()
-            timer.seconds["rootimage"] = round(time.monotonic() - packing_started, 2)  # all of it, not the wait
+            with timer.stage("rootimage", f"Finishing the root image ({root_image})"):
+                packing_seconds = packed()
+            timer.seconds["rootimage"] = round(packing_seconds, 2)  # the packing itself, not the wait for it
     firmware = ["uefi", "bios"] if config.bios else ["uefi"]
     with timer.stage("bootloader", f"Installing the boot loaders ({' and '.join(firmware).upper()})"):
         loader_roots = [sources.root, *([Path("/")] if plan.supplies_kernel else [])]
@@ -334,9 +339,10 @@ def cloud_warnings(report: Report, config: Config) -> list[str]:
 
 def output_bytes(image_bytes: int, config: Config) -> int:
     """About how much space the outputs take, for the space check before the slow steps: the root image (about
-    60 % of the files, compressed) or the root partition's files, the kernel and initrd, disk.img holding the ESP
+    60-75 % of the files, compressed) or the root partition's files, the kernel and initrd, disk.img holding the ESP
     again, and each converted or compressed copy of the disk at most its size again."""
-    esp = (int(image_bytes * SQUASHFS_RATIO) if config.layout == "live" else 0) + INITRD_ALLOWANCE
+    esp = (int(image_bytes * rootimage.RATIOS[config.root_format]) if config.layout == "live" else 0) + \
+        INITRD_ALLOWANCE
     if not config.diskimage:
         return esp
     disk = esp + (image_bytes if config.layout == "installed" else 0)
@@ -368,7 +374,8 @@ def make_disk_formats(staging: Path, config: Config, timer: StageTimer) -> list[
 def root_description(config: Config, root_partition: rootpartition.RootPartition | None) -> str:
     """For the manifest: where the booted system's root comes from."""
     if root_partition is None:
-        return f"squashfs.img ({config.compression}) with a tmpfs overlay"
+        image = rootimage.FILES[config.root_format]
+        return f"{image} ({config.root_format}, {config.compression}) with a tmpfs overlay"
     return f"{root_partition.fstype} partition PARTUUID={root_partition.partuuid}, read-write"
 
 
@@ -452,8 +459,8 @@ def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: 
                             timer: StageTimer) -> str:
     """Check the image, then make its outputs in the rootbuilder container. Returns the key to keep them under in
     the cache: taken once the rootbuilder and kernel images are there, before the files it reads are read."""
-    with timer.stage("check", f"Checking that {image.reference} can boot"):
-        report = session.examine(image.image_id)
+    with timer.stage("check", f"Checking that {image.reference} can boot") as progress:
+        report = session.examine(image.image_id, progress)
         image_config = session.image_config(image.image_id)
         plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
     logger.info("    %s, %s", report.name, plan.describe())
@@ -467,9 +474,9 @@ def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: 
             with timer.stage("kernelimage", "Preparing the kernel image"):
                 kernel_image = session.kernel_image(config)
         key = output_keys(session, config, image, supplied=kernel_image is not None)[-1]
-        with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container"):
+        with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container") as progress:
             session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
-                             kernel_image)
+                             kernel_image, progress)
     return key
 
 

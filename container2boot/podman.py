@@ -29,7 +29,7 @@ from container2boot.access import parse_secret
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
-from container2boot.log import DONE_PREFIX, StageTimer, logger
+from container2boot.log import DONE_PREFIX, STAGE_PREFIX, StageProgress, StageTimer, logger
 from container2boot.plan import ImageConfig
 from container2boot.reproducible import image_created
 from container2boot.rootfs import Report, examine
@@ -208,20 +208,37 @@ class Session:
         return MachineImage(reference, image.id, image.attrs.get("Digest") or (digests[0] if digests else None),
                             image_created(str(image.attrs.get("Created", ""))))
 
-    def pull(self, reference: str) -> MachineImage | None:
-        """Try to pull; podman-py hides failures (an empty image), so check what came back."""
-        if reference.startswith("localhost/"):
-            return None
+    def pull(self, reference: str, policy: str = "missing") -> MachineImage | None:
+        """The image as the pull `policy` (--pull) wants it: the one here, or pulled; None when neither. Only
+        "always" makes a failed pull an error; localhost/ names no registry unless it does."""
+        local = self.image(reference)
+        if policy == "never" or (policy == "missing" and local is not None) or \
+                (reference.startswith("localhost/") and policy != "always"):
+            return local
         logger.info("    pulling %s", reference)
-        try:
-            self.client.images.pull(reference)
-        except (APIError, PodmanError) as e:
-            logger.debug("    pull failed: %s", e)
+        error = self._pull(reference, "newer" if policy == "newer" else "always")
+        if error is not None:
+            if policy == "always":
+                raise C2BootError(f"pulling {reference} failed (--pull always): {error}")
+            logger.debug("    pull failed: %s", error)
         return self.image(reference)
 
-    def ensure_base_image(self, reference: str, mirror: str) -> None:
+    def _pull(self, reference: str, policy: str) -> str | None:
+        """One pull through the API; the error podman reports, or None."""
+        try:
+            response = self.client.api.post("/images/pull", params={"reference": reference, "policy": policy},
+                                            stream=True)
+            if response.status_code >= 400:
+                return str(json.loads(response.text or "{}").get("message", response.text))
+            errors = [str(message["error"]) for raw in response.iter_lines() if raw
+                      if "error" in (message := json.loads(raw))]
+        except (APIError, PodmanError, ValueError) as e:
+            return str(e)
+        return errors[-1] if errors else None
+
+    def ensure_base_image(self, reference: str, mirror: str, policy: str = "missing") -> None:
         """The base of the bundled Containerfiles: present, pulled, or bootstrapped with mmdebstrap."""
-        if self.image(reference) or self.pull(reference):
+        if self.pull(reference, policy):
             return
         suite = debian_suite(reference)
         if suite is None:
@@ -251,13 +268,15 @@ class Session:
                                   f"(check that --mirror {mirror} is reachable)")
 
     def build_image(self, context: Path, containerfile: Path, tag: str, buildargs: Mapping[str, str],
-                    secrets: Sequence[str] = ()) -> None:
-        """podman build through the API, printing each STEP as it starts; a failure names the failing step."""
+                    secrets: Sequence[str] = (), pull: str = "missing") -> None:
+        """podman build through the API, printing each STEP as it starts; a failure names the failing step. `pull`
+        is podman build's --pull policy for its FROM images."""
         tar_path = self.scratch / f"context-{secrets_token()}.tar"
         secret_files = {f".c2boot-secret-{i}": src for i, src in map(parse_secret, secrets)}
         name = context_tar(context, containerfile, tar_path, secret_files)
         params = {
             "dockerfile": name, "t": tag, "rm": True, "forcerm": True, "layers": True,
+            "pullpolicy": "ifnewer" if pull == "newer" else pull,  # buildah's name for it
             "buildargs": json.dumps(dict(buildargs)),
             "secrets": json.dumps([f"id={n.removeprefix('.c2boot-secret-')},src={n}" for n in secret_files]),
         }
@@ -320,7 +339,7 @@ class Session:
         generic signed kernel, dracut, its live and network modules), built on first use and tagged by the hash of
         its Containerfile and base."""
         if config.kernel_image:
-            found = self.image(config.kernel_image) or self.pull(config.kernel_image)
+            found = self.pull(config.kernel_image)
             if found is None:
                 raise C2BootError(f"kernel image {config.kernel_image} not found locally and could not be pulled")
             return found.image_id
@@ -347,10 +366,12 @@ class Session:
         """The image to boot: --image as given (or pulled), else built from --file or the bundled example."""
         if config.image:
             with timer.stage("machine", f"Looking up {config.image}"):
-                found = self.image(config.image) or self.pull(config.image)
+                found = self.pull(config.image, config.pull)
             if found is None:
-                raise C2BootError(f"image {config.image} not found locally and could not be pulled: check the "
-                                  "name with `podman images`, or build it first")
+                how = "is not here (--pull never)" if config.pull == "never" else \
+                    "not found locally and could not be pulled"
+                raise C2BootError(f"image {config.image} {how}: check the name with `podman images`, or build it "
+                                  "first")
             return found
         example = config.containerfile is None and config.context is None
         containerfile, context = build_inputs(config)
@@ -358,15 +379,15 @@ class Session:
         build_secrets = list(config.secrets)
         with timer.stage("machine", f"Building the machine image {tag} from {containerfile}"):
             if example:
-                self.ensure_base_image(config.base_image, config.mirror)
+                self.ensure_base_image(config.base_image, config.mirror, config.pull)
                 if not any(parse_secret(s)[0] == "chpass" for s in build_secrets):
                     build_secrets.append(self._demo_credentials())
             else:  # a Debian base that no registry serves here is bootstrapped, as the bundled images' is
                 for reference in debian_bases(containerfile.read_text(errors="replace")):
-                    self.ensure_base_image(reference, config.mirror)
+                    self.ensure_base_image(reference, config.mirror, config.pull)
             build_args = {"BASE": config.base_image} if example else {}
             build_args |= dict(spec.split("=", 1) for spec in config.build_args)
-            self.build_image(context, containerfile, tag, build_args, build_secrets)
+            self.build_image(context, containerfile, tag, build_args, build_secrets, config.pull)
         found = self.image(tag)
         assert found is not None
         return found
@@ -380,9 +401,9 @@ class Session:
         logger.info("    no --secret id=chpass given: the demo user's password is %s", password)
         return f"id=chpass,src={creds}"
 
-    def examine(self, reference: str) -> Report:
+    def examine(self, reference: str, progress: StageProgress | None = None) -> Report:
         """Inspect an image's filesystem without building or mounting anything: one pass over the tar stream of a
-        created (never started) container, plus the image's own metadata."""
+        created (never started) container, plus the image's own metadata. `progress` hears of the bytes read."""
         try:
             image = self.client.images.get(reference)
         except ImageNotFound:
@@ -391,7 +412,9 @@ class Session:
         labels = {"io.container2boot.role": "inspect", **lifecycle.current().container_labels()}
         container = self.client.containers.create(image.id, command=["true"], labels=labels)
         try:
-            tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export()), 1024 * 1024))
+            if progress is not None:
+                progress.size(int(image.attrs.get("Size") or 0))
+            tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export(), progress), 1024 * 1024))
         finally:
             remove_container(container)
         return examine(tree, labels=image.attrs.get("Labels") or {},
@@ -400,9 +423,9 @@ class Session:
     # The assemble container ---------------------------------------------------------------------------------
 
     def assemble(self, rootbuilder: str, image: MachineImage, staging: Path, config: Config,
-                 kernel_image: str | None = None) -> None:
+                 kernel_image: str | None = None, progress: StageProgress | None = None) -> None:
         """Run `c2boot assemble` in the rootbuilder with the machine image mounted at /rootfs (and the kernel
-        image at /kernel)."""
+        image at /kernel); `progress` shows the step it is at."""
         volumes = [{"source": image.image_id, "destination": "/rootfs", "rw": False}]
         if kernel_image is not None:
             volumes.append({"source": kernel_image, "destination": KERNEL_ROOT, "rw": False})
@@ -447,6 +470,8 @@ class Session:
                             continue  # its /out is not where the outputs end up: the host says where
                         elif line.strip():
                             logger.info("%s", line)
+                            if progress is not None and line.startswith(STAGE_PREFIX):
+                                progress.now(line.removeprefix(STAGE_PREFIX).partition("  [")[0])
                 status = container.wait()
             except APIError as e:
                 raise C2BootError(f"podman could not run the rootbuilder container: {_api_reason(e)} "
@@ -490,11 +515,13 @@ def _api_reason(error: APIError) -> str:
 
 
 class ChunkReader(io.RawIOBase):
-    """A readable file over an iterator of byte chunks (podman-py's export stream), for tarfile's stream mode."""
+    """A readable file over an iterator of byte chunks (podman-py's export stream), for tarfile's stream mode;
+    `progress` hears of each chunk's size."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], progress: StageProgress | None = None) -> None:
         self.chunks = iter(chunks)
         self.pending = b""
+        self.progress = progress
 
     def readable(self) -> bool:
         return True
@@ -505,6 +532,8 @@ class ChunkReader(io.RawIOBase):
                 self.pending = next(self.chunks)
             except StopIteration:
                 return 0
+            if self.progress is not None:
+                self.progress.advance(len(self.pending))
         size = min(len(buffer), len(self.pending))
         buffer[:size] = self.pending[:size]
         self.pending = self.pending[size:]

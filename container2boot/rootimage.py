@@ -1,14 +1,19 @@
-"""The root image: the whole rootfs as one compressed squashfs file, mounted read-only by dmsquash-live.
+"""The root image: the whole rootfs as one compressed read-only file system, mounted by dmsquash-live.
 
-tar2sqfs (squashfs-tools-ng) packs a tar stream without privileges and keeps owners, modes, setuid/setgid bits,
-hard links, symlinks and extended attributes (security.capability included) exactly as the stream has them.
+Both packers read a tar stream without privileges and keep owners, modes, setuid/setgid bits, hard links, symlinks
+and extended attributes (security.capability included) exactly as the stream has them: tar2sqfs
+(squashfs-tools-ng) makes squashfs, the smallest; mkfs.erofs --tar makes EROFS, measured 4-5 times faster and about
+a fifth bigger (the example: 2.7 s and 228 MiB against 13.7 s and 191 MiB, both zstd).
 """
 
 import os
+import re
 import shlex
 import signal
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -16,7 +21,8 @@ from pathlib import Path
 from container2boot import lifecycle
 from container2boot.errors import C2BootError
 from container2boot.log import logger
-from container2boot.run import failure_message, require_tool
+from container2boot.reproducible import Reproducible
+from container2boot.run import failure_message, parse_version, require_tool
 
 # GNU tar would store POSIX ACLs as system.posix_acl_* xattrs; squashfs cannot hold them.
 # --sort=name: the same order on every host, whatever order its file system lists a directory in.
@@ -26,18 +32,67 @@ TAR_CREATE = [
 ]
 
 
-def tar2sqfs_command(dest: Path, compression: str) -> list[str]:
+FILES = {"squashfs": "squashfs.img", "erofs": "erofs.img"}  # in esp/container2boot, by --root-format
+RATIOS = {"squashfs": 0.6, "erofs": 0.75}  # the image / the files in it; measured 0.54 and 0.64 (example, zstd)
+# mkfs.erofs's compressor for each --compression, and the kernel option that reads it.
+EROFS_COMPRESSORS = {"zstd": ("zstd", "CONFIG_EROFS_FS_ZIP_ZSTD"), "xz": ("lzma", "CONFIG_EROFS_FS_ZIP_LZMA"),
+                     "gzip": ("deflate", "CONFIG_EROFS_FS_ZIP_DEFLATE"), "lz4": ("lz4hc", "CONFIG_EROFS_FS_ZIP")}
+EROFS_CLUSTER = 65536  # bytes compressed together: against 4 KiB, 4 % smaller and faster to make (measured)
+EROFS_DRACUT = (103,)  # dmsquash-live mounts EROFS since dracut-ng 103 (dracut-ng pull request 490)
+
+
+def pack_command(root_format: str, dest: Path, compression: str, same: Reproducible) -> list[str]:
+    """The packer reading a tar on its standard input. EROFS gets its UUID from the seed and the source date as
+    its own time only (files keep theirs); tar2sqfs takes SOURCE_DATE_EPOCH from the environment."""
+    if root_format == "erofs":
+        return [require_tool("mkfs.erofs"), "--quiet", "--tar=f", f"-z{EROFS_COMPRESSORS[compression][0]}",
+                f"-C{EROFS_CLUSTER}", f"-T{same.epoch}", "--mkfs-time", f"-U{same.uuid('erofs')}", str(dest)]
     return [require_tool("tar2sqfs"), "--quiet", "--no-skip", "--force", "--compressor", compression, str(dest)]
 
 
+def check_bootable(root_format: str, compression: str, kernel_root: Path, kernel_version: str,
+                   dracut_version: str | None) -> None:
+    """Fail before the slow steps when the booted kernel or the initrd's dracut cannot mount the root image: the
+    kernel's configuration (where the image keeps one) must read EROFS with the compressor, and dmsquash-live must
+    know EROFS."""
+    if root_format != "erofs":
+        return
+    if compression not in EROFS_COMPRESSORS:
+        raise C2BootError(f"EROFS cannot be compressed with {compression}: use --compression "
+                          f"{', '.join(EROFS_COMPRESSORS)}, or --root-format squashfs")
+    try:
+        too_old = dracut_version is not None and parse_version(dracut_version) < EROFS_DRACUT
+    except C2BootError:
+        too_old = False
+    if too_old:
+        raise C2BootError(f"the initrd's dracut {dracut_version} cannot mount an EROFS root (dracut-ng 103 or newer "
+                          "can): use --root-format squashfs")
+    kernel_config = next((path for path in (kernel_root / "boot" / f"config-{kernel_version}",
+                                            kernel_root / "usr/lib/modules" / kernel_version / "config")
+                          if path.is_file()), None)
+    if kernel_config is None:
+        logger.info("    the kernel keeps no configuration in the image: whether it reads EROFS is not checked")
+        return
+    options = set(re.findall(r"^(CONFIG_EROFS_\w+)=[ym]", kernel_config.read_text(errors="replace"), re.M))
+    needed = EROFS_COMPRESSORS[compression][1]
+    if "CONFIG_EROFS_FS" not in options:
+        raise C2BootError(f"kernel {kernel_version} cannot read EROFS (no CONFIG_EROFS_FS): use --root-format "
+                          "squashfs")
+    if needed not in options:
+        readable = [name for name, (_, option) in EROFS_COMPRESSORS.items() if option in options]
+        raise C2BootError(f"kernel {kernel_version} cannot read {compression}-compressed EROFS (no {needed}): use "
+                          f"--compression {' or '.join(readable) or 'lz4'}, or --root-format squashfs")
+
+
 @contextmanager
-def packing(source: Path, dest: Path, compression: str, extra: Path | None = None, left_out: tuple[str, ...] = (),
-            env: Mapping[str, str] | None = None) -> Iterator[Callable[[], None]]:
-    """Start packing `source` (a rootfs directory or a tar of one) into the squashfs file `dest`, in the background
-    beside what the caller does next (dracut: the two do not depend on each other); yields the function that waits
-    for it and raises as `run()` does. Leaving early (an error, Ctrl-C) stops it. With `extra` (a directory), its
-    files are added after the rootfs's (directories the rootfs has are not repeated), and the rootfs's `left_out`
-    paths (those `extra` replaces, or that are reset) are not packed."""
+def packing(source: Path, consumer: list[str], extra: Path | None = None, left_out: tuple[str, ...] = (),
+            env: Mapping[str, str] | None = None) -> Iterator[Callable[[], float]]:
+    """Start packing `source` (a rootfs directory or a tar of one) with `consumer` (pack_command's), in the
+    background beside what the caller does next (dracut: the two do not depend on each other); yields the function
+    that waits for it, raises as `run()` does and returns how long the packing itself took. Leaving early (an
+    error, Ctrl-C) stops it. With `extra` (a directory), its files are added after the rootfs's (directories the
+    rootfs has are not repeated), and the rootfs's `left_out` paths (those `extra` replaces, or that are reset) are
+    not packed."""
     with ExitStack() as stack:
         producer: list[str] | None = None
         if extra is not None:
@@ -46,7 +101,6 @@ def packing(source: Path, dest: Path, compression: str, extra: Path | None = Non
         elif source.is_dir():
             producer = [*TAR_CREATE, "--directory", str(source), "."]
         errors = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(2)]
-        consumer = tar2sqfs_command(dest, compression)  # a missing tool fails before anything starts
         tar = None
         if producer is not None:
             logger.debug("$ %s |", shlex.join(producer))
@@ -62,13 +116,24 @@ def packing(source: Path, dest: Path, compression: str, extra: Path | None = Non
                 lifecycle.stop_process(tar)
             raise
         if tar is not None and tar.stdout is not None:
-            tar.stdout.close()  # tar2sqfs's end only: when it fails, tar gets SIGPIPE
+            tar.stdout.close()  # the packer's end only: when it fails, tar gets SIGPIPE
+        started, ended = time.monotonic(), [0.0]
 
-        def wait() -> None:
-            for process, tool, output in ((packer, "tar2sqfs", errors[1]), (tar, "tar", errors[0])):
+        def note_the_end() -> None:  # the packer may be done long before wait() is called
+            packer.wait()
+            ended[0] = time.monotonic()
+
+        watcher = threading.Thread(target=note_the_end, daemon=True)
+        watcher.start()
+
+        def wait() -> float:
+            packer_name = Path(consumer[0]).name
+            for process, tool, output in ((packer, packer_name, errors[1]), (tar, "tar", errors[0])):
                 if process is not None and process.wait() not in (0, -signal.SIGPIPE):
                     output.seek(0)
                     raise C2BootError(failure_message(tool, process.returncode, output.read()))
+            watcher.join()
+            return ended[0] - started
 
         try:
             yield wait

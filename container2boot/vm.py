@@ -168,8 +168,9 @@ def machine(target: Path, config: Config, root_keys: Sequence[str] = ()) -> Iter
 def _machine(built: Built, config: Config, common: dict[str, Any]) -> Iterator[tuple[VirtualMachine, str, Built]]:
     if config.boot_from_network:
         kernel, initrd = _kernel_files(built)
-        with netboot.serving(netboot.boot_files(built.out, built.manifest), "127.0.0.1", 0, quiet=True) as server:
-            url = f"http://{GUEST_HOST_ADDRESS}:{server.server_port}/squashfs.img"
+        directory = netboot.boot_files(built.out, built.manifest)
+        with netboot.serving(directory, "127.0.0.1", 0, quiet=True) as server:
+            url = f"http://{GUEST_HOST_ADDRESS}:{server.server_port}/{netboot.root_image(directory)}"
             logger.info("==> Serving %s/esp/%s on 127.0.0.1:%d for the guest", built.out, BOOT_DIR,
                         server.server_port)
             yield (VirtualMachine(None, kernel=kernel, initrd=initrd, append=netboot.netboot_cmdline(

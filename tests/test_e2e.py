@@ -2,6 +2,7 @@
 evidence from the booted system's serial console."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ import pytest
 
 from container2boot.disk import read_table
 from container2boot.podman import external_containers
+from tests import conftest
 from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, boot_evidence, c2boot, derived_image
 
 pytestmark = pytest.mark.slow
@@ -74,15 +76,28 @@ def test_example_boots_under_uefi(example_build: Path) -> None:
     assert "c2boot-demo login:" in console
 
 
-def test_build_from_existing_image_boots(example_build: Path, tmp_path: Path) -> None:
-    """--image: an existing local image; --cmdline reaches the booted kernel (it sets the hostname)."""
+def test_build_from_existing_image_with_an_erofs_root_boots(example_build: Path, tmp_path: Path) -> None:
+    """--image: an existing local image; --root-format erofs: the root image is EROFS, mounted by the booted kernel
+    (its message on the console), and rebuilt with the same bytes; --cmdline reaches the booted kernel (it sets the
+    hostname)."""
     out = tmp_path / "out"
-    c2boot("build", "--image", EXAMPLE_IMAGE, "--cmdline", "systemd.hostname=from-image", "--diskimage", "-o", out)
+    settings = ("--image", EXAMPLE_IMAGE, "--root-format", "erofs", "--cmdline", "systemd.hostname=from-image",
+                "--diskimage")
+    c2boot("build", *settings, "-o", out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["image"] == EXAMPLE_IMAGE
     assert manifest["kernel"]["cmdline"].endswith("systemd.hostname=from-image")
+    assert "rd.live.squashimg=erofs.img" in manifest["kernel"]["cmdline"]
+    assert manifest["boot"]["root"] == "erofs.img (erofs, zstd) with a tmpfs overlay"
+    with (out / "esp/container2boot/erofs.img").open("rb") as image:
+        assert image.read(1028)[1024:] == bytes.fromhex("e2e1f5e0")  # EROFS's magic number
+    assert not (out / "esp/container2boot/squashfs.img").exists()
     console = boot_evidence(out / "disk.img", r"from-image login:")
     assert "root filesystem overlay" in console
+    assert re.search(r"erofs: \(device loop\d+\): mounted with root inode", console), console[-3000:]
+    again = tmp_path / "again"
+    c2boot("build", *settings, "--no-cache", "-o", again)
+    conftest.assert_rebuilt_identically(out, again)
 
 
 def test_esp_only_build_without_diskimage(example_build: Path, tmp_path: Path) -> None:
@@ -98,6 +113,26 @@ def test_missing_image_fails_cleanly(example_build: Path, tmp_path: Path) -> Non
     assert result.stderr.strip().splitlines()[-1].startswith("c2boot: error: image localhost/no/such-image:1 not found")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     assert external_containers(check=True) == before
+
+
+def test_pull_policies_reach_podman(example_build: Path, tmp_path: Path) -> None:
+    """--pull as podman build has it. never: the image here is used (the outputs come from the cache); always: a
+    registry must answer, for --image and for the Containerfile's FROM (none answers for localhost/ here)."""
+    reused = c2boot("build", "--image", EXAMPLE_IMAGE, "--pull", "never", "--diskimage", "-o", tmp_path / "never")
+    assert "its outputs are reused" in reused.stderr
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Containerfile").write_text(f"FROM {EXAMPLE_IMAGE}\nRUN touch /etc/pulled\n")
+    for args, error in (
+            (("--image", EXAMPLE_IMAGE, "--pull", "always"),
+             f"pulling {EXAMPLE_IMAGE} failed (--pull always): initializing source docker://{EXAMPLE_IMAGE}"),
+            (("--pull", "always", "-t", "localhost/c2boot-test/pulled:1", context),
+             "building localhost/c2boot-test/pulled:1 failed: creating build container: initializing source"),
+            (("--image", "docker.io/library/c2boot-absent:1", "--pull", "never"),
+             "image docker.io/library/c2boot-absent:1 is not here (--pull never)")):
+        result = c2boot("build", *args, "-o", tmp_path / "out", check=False)
+        assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"c2boot: error: {error}")
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_app_command_the_image_lacks_fails_before_the_slow_steps(example_build: Path, tmp_path: Path) -> None:

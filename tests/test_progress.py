@@ -23,6 +23,12 @@ with timer.stage("initrd", "Building the initrd"):
     time.sleep(2.2)
 with timer.stage("rootimage", "Packing the root image"):
     pass
+with timer.stage("check", "Reading the image") as progress:
+    progress.size(300 * 10**6)
+    progress.now("at the kernel")
+    for _ in range(4):
+        progress.advance(50 * 10**6)
+        time.sleep(0.3)
 """
 
 
@@ -57,6 +63,9 @@ def test_on_a_terminal_a_stage_shows_its_elapsed_time_and_ends_with_it() -> None
     assert re.search(r"==> Building the initrd \(2\.\d s\)", screen)
     assert "    a line from inside the stage" in screen  # printed above the live line
     assert re.search(r"==> Packing the root image \(0\.\d s\)", screen)
+    assert re.search(r"==> Reading the image .*/300\.0 MB .*at the kernel", screen), "no bar with the bytes"
+    assert "200.0/300.0 MB" in screen or "150.0/300.0 MB" in screen
+    assert re.search(r"==> Reading the image \(1\.\d s\)", screen)
 
 
 def test_elsewhere_each_stage_is_one_plain_line_with_its_time_of_day() -> None:
@@ -64,6 +73,7 @@ def test_elsewhere_each_stage_is_one_plain_line_with_its_time_of_day() -> None:
     lines = result.stderr.splitlines()
     assert re.fullmatch(r"==> Building the initrd  \[\d\d:\d\d:\d\d\]", lines[0])
     assert lines[1] == "    a line from inside the stage" and lines[2].startswith("==> Packing the root image  [")
+    assert lines[3].startswith("==> Reading the image  [") and len(lines) == 4  # no bar, no bytes
     assert "\x1b" not in result.stderr
 
 

@@ -56,6 +56,8 @@ def test_config_file_unknown_key(tmp_path: Path) -> None:
 def test_invalid_settings() -> None:
     with pytest.raises(C2BootError, match="use one of zstd"):
         Config(compression="brotli")
+    with pytest.raises(C2BootError, match="unknown --pull policy 'sometimes': use one of missing, always, newer"):
+        Config(pull="sometimes")
     with pytest.raises(C2BootError, match="exclude each other"):
         Config(image="x", containerfile=Path("Containerfile"))
     with pytest.raises(C2BootError, match="unknown partition table 'msdos': use one of gpt, mbr"):

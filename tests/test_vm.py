@@ -293,3 +293,10 @@ def test_cli_help_teaches_each_verb() -> None:
                           ("esp", "sync")):
         result = c2boot(verb, "--help")
         assert example in result.stdout, verb
+
+
+@pytest.mark.parametrize("command", [(), ("build",), ("cache", "prune"), ("esp", "sync"), ("inspect",)])
+def test_help_shows_no_type_beside_flags(command: tuple[str, ...]) -> None:
+    """Flags take no value: neither ours nor typer's own (--help, --install-completion) show `<bool>`."""
+    result = c2boot(*command, "--help")
+    assert "--help" in result.stdout and "<bool>" not in result.stdout
