@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from container2boot.pipeline import BuildResult
     from container2boot.plan import Plan
 
+
 class _FlagsTakeNoValue:
     """Flags typer makes itself (--help, --install-completion...) get no `<bool>` beside them in --help, as
     ours have none: typer 0.29 shows the type of every option without a metavar."""
@@ -406,14 +407,14 @@ def serve(
     directory = netboot.boot_files(built.out, built.manifest)
     with netboot.serving(directory, config.address, config.port) as server:
         port = server.server_port
+        root_image = netboot.root_image(directory, built.cmdline)
         print(f"Serving {directory} on http://{config.address}:{port}/ (Ctrl-C stops)\n")
         if config.address not in ("127.0.0.1", "localhost"):
             url = f"http://{netboot.lan_address() if config.address == '0.0.0.0' else config.address}:{port}"
-            lan_args = netboot.netboot_cmdline(built.cmdline, f"{url}/{netboot.root_image(directory)}")
+            lan_args = netboot.netboot_cmdline(built.cmdline, f"{url}/{root_image}")
             print(f"Kernel arguments for a machine on the network:\n  {lan_args}\n\n"
                   f"iPXE script:\n  #!ipxe\n  kernel {url}/vmlinuz {lan_args}\n  initrd {url}/initrd.img\n  boot\n")
-        guest_args = netboot.netboot_cmdline(built.cmdline,
-                                             f"http://{GUEST_HOST_ADDRESS}:{port}/{netboot.root_image(directory)}")
+        guest_args = netboot.netboot_cmdline(built.cmdline, f"http://{GUEST_HOST_ADDRESS}:{port}/{root_image}")
         print(f"Kernel arguments for a QEMU guest on this host (user network):\n  {guest_args}\n\n"
               "QEMU command:\n"
               f"  qemu-system-x86_64 -machine q35 -m 2048 -nographic -nic user,model=virtio-net-pci "

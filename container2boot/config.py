@@ -88,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("force", bool, False, "Replace the outputs in an existing, non-empty output directory.",
             ("--force",), BOTH),
     Setting("root_format", str, "squashfs", "File system of the live root image: squashfs (squashfs.img, the "
-            "smallest) or erofs (erofs.img: packed about 4 times faster, about a fifth bigger; the image's kernel "
+            "smallest) or erofs (erofs.img: packed 4-5 times faster, about a fifth bigger; the image's kernel "
             "must read EROFS and its dracut be 103 or newer).", ("--root-format",), BOTH, choices=ROOT_FORMATS,
             panel="Boot"),
     Setting("compression", str, "zstd", "Compression of the root image (squashfs.img or erofs.img; EROFS has no "
@@ -334,6 +334,9 @@ class Config:
             if self.compression != "zstd" or self.root_format != "squashfs":
                 option = "--compression" if self.compression != "zstd" else "--root-format"
                 raise C2BootError(f"{option} sets the live layout's root image: drop it for --layout installed")
+        elif self.root_format == "erofs" and self.compression == "lzo":
+            raise C2BootError("EROFS cannot be compressed with lzo: use --compression zstd, xz, gzip or lz4, or "
+                              "--root-format squashfs")
         elif self.size is not None or self.rootfs_type != "ext4":
             raise C2BootError("--size and --rootfs-type apply to --layout installed: add --layout installed")
         if self.size is not None:

@@ -287,10 +287,12 @@ def sync(out: Path, target: Path, *, dry_run: bool = False, delete: bool = False
         logger.info("  %sdelete %s", verb, name)
     if not dry_run:
         destination.check_space(plan)
-        with StageTimer().stage("copy", f"Copying {len(plan.copy)} file(s) to {destination.describe()}") as progress:
-            progress.size(plan.copy_bytes)
-            for name in plan.copy:
-                destination.copy(name, files[name], progress.advance)
+        if plan.copy:
+            with StageTimer().stage("copy", f"Copying {len(plan.copy)} file(s) to {destination.describe()}") as \
+                    progress:
+                progress.size(plan.copy_bytes)
+                for name in plan.copy:
+                    destination.copy(name, files[name], progress.advance)
         for name in plan.delete:
             destination.delete(name)
         if isinstance(destination, DirectoryTarget):

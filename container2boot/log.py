@@ -71,8 +71,9 @@ class StageProgress:
         self._progress, self._task = progress, task
 
     def size(self, total: int) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, total=max(total, 1))
+        """The bytes the stage will go through (none known: no bar)."""
+        if self._progress is not None and self._task is not None and total > 0:
+            self._progress.update(self._task, total=total)
 
     def advance(self, done: int) -> None:
         if self._progress is not None and self._task is not None:
@@ -99,10 +100,11 @@ class StageTimer:
             if live:
                 self._live = True
                 console = Console(stderr=True)
-                with Progress(SpinnerColumn(), TextColumn("[bold]==>[/bold] {task.description}"),
-                              _WhenSized(BarColumn(bar_width=24)), _WhenSized(DownloadColumn()), TimeElapsedColumn(),
-                              TextColumn("[dim]{task.fields[now]}"), console=console, transient=True,
-                              redirect_stderr=True) as progress:
+                with Progress(SpinnerColumn(), TextColumn("==>", style="bold"),
+                              TextColumn("{task.description}", markup=False), _WhenSized(BarColumn(bar_width=24)),
+                              _WhenSized(DownloadColumn()), TimeElapsedColumn(),
+                              TextColumn("{task.fields[now]}", markup=False, style="dim"), console=console,
+                              transient=True, redirect_stderr=True) as progress:
                     yield StageProgress(progress, progress.add_task(what, total=None, now=""))
             else:
                 logger.info("%s%s  [%s]", STAGE_PREFIX, what, time.strftime("%H:%M:%S"))

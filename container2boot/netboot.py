@@ -25,9 +25,12 @@ def netboot_cmdline(disk_cmdline: str, url: str, extra: str = "") -> str:
     return " ".join([f"root=live:{url}", "rd.neednet=1", "ip=dhcp", *kept, *extra.split()])
 
 
-def root_image(directory: Path) -> str:
-    """The name of the live root image in `directory` (esp/container2boot): squashfs.img or erofs.img."""
-    return next((name for name in FILES.values() if (directory / name).is_file()), "")
+def root_image(directory: Path, cmdline: str = "") -> str:
+    """The name of the live root image in `directory` (esp/container2boot): the one the build's kernel arguments
+    (`cmdline`) name, else squashfs.img or erofs.img, whichever is there."""
+    named = [arg.partition("=")[2] for arg in cmdline.split() if arg.startswith("rd.live.squashimg=")]
+    candidates = [*named, *FILES.values()]
+    return next((name for name in candidates if name and (directory / name).is_file()), "")
 
 
 def boot_files(out: Path, manifest: dict[str, Any]) -> Path:

@@ -67,18 +67,21 @@ def unpack_rootfs_tar(tarball: Path, dest: Path) -> Path:
 @dataclass(frozen=True)
 class Sources:
     """The image's root and, when the plan supplies the kernel or the dracut, the kernel image's; each with the
-    report read from it."""
+    report read from it. `kernel_supplied`: the booted kernel is the kernel image's (not only its dracut)."""
 
     root: Path
     report: Report
     kernel_root: Path | None = None
     kernel_report: Report | None = None
+    kernel_supplied: bool = False
 
     @property
     def kernel_tree(self) -> tuple[Path, Report]:
-        """Where the booted kernel comes from."""
-        return (self.root, self.report) if self.kernel_root is None or self.kernel_report is None else \
-            (self.kernel_root, self.kernel_report)
+        """Where the booted kernel comes from: the image's own kernel stays the image's even when the kernel
+        image's dracut makes its initrd."""
+        if self.kernel_supplied and self.kernel_root is not None and self.kernel_report is not None:
+            return self.kernel_root, self.kernel_report
+        return self.root, self.report
 
 
 def kernel_sources(kernel_root: Path | None, config: Config) -> tuple[Path, Report]:
@@ -121,7 +124,8 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
             plan = decide(sources.report, image, config)
             if plan.supplies_kernel or plan.uses_supplied_dracut:
                 kernel_root, kernel_report = kernel_sources(config.kernel_root, config)
-                sources = dataclasses.replace(sources, kernel_root=kernel_root, kernel_report=kernel_report)
+                sources = dataclasses.replace(sources, kernel_root=kernel_root, kernel_report=kernel_report,
+                                              kernel_supplied=plan.supplies_kernel)
                 if plan.supplies_kernel:
                     assert kernel_report.kernel is not None
                     plan = plan.with_kernel_version(kernel_report.kernel.version)
@@ -237,7 +241,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
         initrd=f"/{BOOT_DIR}/initrd.img",
         cmdline=boot_cmdline(plan, job, root_partition, config),
     )
-    kernel_root, kernel_report = sources.kernel_tree
+    _, kernel_report = sources.kernel_tree
     shutil.copyfile(kernel_report.kernel_image_path, boot_dir / "vmlinuz")
     if plan.access is not None:
         for line in plan.access.describe():
@@ -288,10 +292,10 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
         checksums = formats.write_checksums(staging, files)
         files.append({"path": checksums.name, "size": checksums.stat().st_size, "sha256": sha256(checksums)})
     supplied_kernel = None
-    if plan.supplies_kernel or plan.uses_supplied_dracut:
-        supplied_kernel = {"image": config.source.get("kernel_image", str(kernel_root)),
-                           "package": supplied.package_version(kernel_root, plan.kernel_version),
-                           "dracut": kernel_report.dracut_version}
+    if sources.kernel_root is not None and sources.kernel_report is not None:  # its kernel, or its dracut only
+        supplied_kernel = {"image": config.source.get("kernel_image", str(sources.kernel_root)),
+                           "package": supplied.package_version(sources.kernel_root, plan.kernel_version),
+                           "dracut": sources.kernel_report.dracut_version}
     manifest = build_manifest(report=report, plan=plan, supplied_kernel=supplied_kernel,
                               source={k: v for k, v in config.source.items() if k != "kernel_image"},
                               cmdline=entry.cmdline,
@@ -338,16 +342,18 @@ def cloud_warnings(report: Report, config: Config) -> list[str]:
 
 
 def output_bytes(image_bytes: int, config: Config) -> int:
-    """About how much space the outputs take, for the space check before the slow steps: the root image (about
-    60-75 % of the files, compressed) or the root partition's files, the kernel and initrd, disk.img holding the ESP
-    again, and each converted or compressed copy of the disk at most its size again."""
-    esp = (int(image_bytes * rootimage.RATIOS[config.root_format]) if config.layout == "live" else 0) + \
-        INITRD_ALLOWANCE
+    """About how much space the outputs take, for the space check before the slow steps: the root image (60-70 %
+    of the files, compressed; EROFS needs the files' size again while it is packed) or the root partition's files,
+    the kernel and initrd, disk.img holding the ESP again, and each converted or compressed copy of the disk at most
+    its size again."""
+    live = config.layout == "live"
+    esp = (int(image_bytes * rootimage.RATIOS[config.root_format]) if live else 0) + INITRD_ALLOWANCE
+    packing = esp + (int(image_bytes * rootimage.PACKING_BUFFER[config.root_format]) if live else 0)
     if not config.diskimage:
-        return esp
+        return packing
     disk = esp + (image_bytes if config.layout == "installed" else 0)
     copies = len([f for f in dict.fromkeys(config.formats) if f != "raw"]) + (2 if config.cloud else 0)
-    return esp + disk * (1 + copies) * (2 if config.compress else 1)
+    return max(packing, esp + disk * (1 + copies) * (2 if config.compress else 1))
 
 
 def make_disk_formats(staging: Path, config: Config, timer: StageTimer) -> list[dict[str, str]]:

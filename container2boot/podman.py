@@ -232,7 +232,7 @@ class Session:
                 return str(json.loads(response.text or "{}").get("message", response.text))
             errors = [str(message["error"]) for raw in response.iter_lines() if raw
                       if "error" in (message := json.loads(raw))]
-        except (APIError, PodmanError, ValueError) as e:
+        except (APIError, PodmanError, OSError, ValueError, AttributeError) as e:  # the connection, odd JSON
             return str(e)
         return errors[-1] if errors else None
 

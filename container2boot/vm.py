@@ -170,7 +170,7 @@ def _machine(built: Built, config: Config, common: dict[str, Any]) -> Iterator[t
         kernel, initrd = _kernel_files(built)
         directory = netboot.boot_files(built.out, built.manifest)
         with netboot.serving(directory, "127.0.0.1", 0, quiet=True) as server:
-            url = f"http://{GUEST_HOST_ADDRESS}:{server.server_port}/{netboot.root_image(directory)}"
+            url = f"http://{GUEST_HOST_ADDRESS}:{server.server_port}/{netboot.root_image(directory, built.cmdline)}"
             logger.info("==> Serving %s/esp/%s on 127.0.0.1:%d for the guest", built.out, BOOT_DIR,
                         server.server_port)
             yield (VirtualMachine(None, kernel=kernel, initrd=initrd, append=netboot.netboot_cmdline(
