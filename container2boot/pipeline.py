@@ -129,10 +129,9 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                 if plan.supplies_kernel:
                     assert kernel_report.kernel is not None
                     plan = plan.with_kernel_version(kernel_report.kernel.version)
-            if not installed:
-                dracut_report = sources.report if not plan.uses_supplied_dracut else sources.kernel_report
+            if not installed:  # the dracut that makes the live initrd must mount the root image
                 rootimage.check_bootable(config.root_format, config.compression, sources.kernel_tree[0],
-                                         plan.kernel_version, dracut_report.dracut_version if dracut_report else None)
+                                         plan.kernel_version, initrd_job(sources, plan, None, config).dracut_version)
         logger.info("    %s, %s", sources.report.name, plan.describe())
         for warning in cloud_warnings(sources.report, config):
             logger.warning("    warning: %s", warning)

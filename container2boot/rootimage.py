@@ -22,7 +22,7 @@ from container2boot import lifecycle
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.reproducible import Reproducible
-from container2boot.run import failure_message, parse_version, require_tool
+from container2boot.run import dracut_at_least, failure_message, require_tool
 
 # GNU tar would store POSIX ACLs as system.posix_acl_* xattrs; squashfs cannot hold them.
 # --sort=name: the same order on every host, whatever order its file system lists a directory in.
@@ -61,11 +61,7 @@ def check_bootable(root_format: str, compression: str, kernel_root: Path, kernel
     if root_format != "erofs":
         return
     assert compression in EROFS_COMPRESSORS, "the configuration refuses the others"
-    try:
-        too_old = dracut_version is not None and parse_version(dracut_version) < EROFS_DRACUT
-    except C2BootError:
-        too_old = False
-    if too_old:
+    if not dracut_at_least(dracut_version, EROFS_DRACUT):
         raise C2BootError(f"the initrd's dracut {dracut_version} cannot mount an EROFS root (dracut "
                           f"{'.'.join(map(str, EROFS_DRACUT))} or newer can): use --root-format squashfs")
     kernel_config = next((path for path in (kernel_root / "boot" / f"config-{kernel_version}",

@@ -157,17 +157,18 @@ def tool_version(name: str) -> tuple[int, ...]:
     return parse_version(version_line(name))
 
 
-def is_dracut_ng(dracut_version: str | None) -> bool:
-    """dracut-ng (100 and newer); an unknown version is taken as a current one."""
+def dracut_at_least(dracut_version: str | None, needed: tuple[int, ...]) -> bool:
+    """Whether a dracut is `needed` or newer; an unknown version is taken as a current one."""
     try:
-        return parse_version(dracut_version or "") >= DRACUT_NG
+        return parse_version(dracut_version or "") >= needed
     except C2BootError:
         return True
 
 
 def dracut_live_overlay_args(dracut_version: str | None) -> str:
-    """The kernel arguments for a tmpfs overlay over the live root with the dracut that made the initrd."""
-    return "rd.live.overlay.readonly" if is_dracut_ng(dracut_version) else "rd.live.overlay.overlayfs=1"
+    """The kernel arguments for a tmpfs overlay over the live root with the dracut that made the initrd: dracut-ng
+    (100 and newer) takes them differently."""
+    return "rd.live.overlay.readonly" if dracut_at_least(dracut_version, DRACUT_NG) else "rd.live.overlay.overlayfs=1"
 
 
 def check_version(name: str, version: tuple[int, ...] | None = None) -> tuple[int, ...]:
