@@ -210,6 +210,36 @@ def build_result_json(result: "BuildResult") -> dict[str, Any]:
 
 
 @app.command(cls=CommandWithFlags)
+@with_settings("verify")
+def verify(
+    out: Path = typer.Argument(..., help="The output directory of `c2boot build` to check.", show_default=False,
+                               metavar="OUT"),
+    *,
+    config: Config,
+) -> None:
+    """Build OUT again from the same image with the options its manifest records (no cache, the same source date)
+    and compare every file by sha256, and the manifests but for timings. Exit 0 only when all are identical.
+    The image must be here under the recorded name with the recorded id.
+
+    \b
+    c2boot verify out
+    c2boot verify out -o rebuilt      # keep the rebuild to compare yourself (e.g. with diffoscope)
+    """
+    from container2boot.verify import verify as run_verify
+
+    verdict = run_verify(out, config)
+    for line in verdict.details():
+        logger.warning("%s", line)
+    if not verdict.ok:
+        differ = len(verdict.different) + len(verdict.only_published) + len(verdict.only_rebuilt)
+        manifest = " and manifest.json" if verdict.manifest else ""
+        raise C2BootError(f"{out} is not what its image and options make: {differ} file(s){manifest} differ from "
+                          "the rebuild (listed above); keep it with --output to compare")
+    logger.info("c2boot: %s is reproducible: its %d files and manifest.json are identical to a rebuild's", out,
+                verdict.files)
+
+
+@app.command(cls=CommandWithFlags)
 @with_settings("assemble")
 def assemble(
     rootfs: Path = typer.Argument(..., help="The machine's root filesystem: a directory or a tar "

@@ -32,7 +32,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"(?=.{{1,64}}$){HOSTNAME_LABEL}(\.{HOSTNAME_LABEL})*")  # systemd takes up to 64
 
-Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt", "cache"]
+Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt", "cache", "verify"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Setting:
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
 ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt",
-                                     "cache"})
+                                     "cache", "verify"})
 MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
 BOOTING: frozenset[Command] = frozenset({"build", "run", "test", "ssh", "libvirt"})  # build boots with --test
 VM: frozenset[Command] = frozenset({"run", "test", "ssh"})
@@ -228,6 +228,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("unused_days", int, None, "With `cache prune`: remove the outputs not used for this many days.",
             ("--older-than",), frozenset({"cache"}), metavar="DAYS"),
     Setting("prune_all", bool, False, "With `cache prune`: empty the cache.", ("--all",), frozenset({"cache"})),
+    Setting("rebuild_output", Path, None, "With `verify`: keep the rebuilt outputs in this new directory, to compare "
+            "them yourself (default: a temporary one beside OUT, removed).", ("--output", "-o"),
+            frozenset({"verify"}), metavar="DIR"),
     Setting("quiet", bool, False, "Print warnings and errors only, no progress.", ("--quiet", "-q"), ALL),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
             ("--verbose", "-v"), ALL),
@@ -303,6 +306,7 @@ class Config:
     supplied_kernel: bool = False
     kernel_image: str | None = None
     kernel_root: Path | None = None
+    rebuild_output: Path | None = None
     # Not user settings: where the machine image came from, recorded in the manifest by the assemble stage, and
     # its OCI configuration (JSON of plan.ImageConfig: ENTRYPOINT, CMD, ENV...), which the plan reads.
     source: Mapping[str, str] = field(default_factory=dict)
@@ -486,6 +490,9 @@ def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | 
 
 # Settings that change how a run looks or whether it uses the cache, never the bytes it writes.
 NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cache", "cache_size"})
+# Build settings that say which image to boot (the manifest names it) or how to test it, not what is made of it.
+IMAGE_AND_TEST_SETTINGS = frozenset({"image", "containerfile", "context", "tag", "build_args", "secrets", "pull",
+                                     "test", "firmware", "memory", "cpus", "timeout"})
 
 
 def command_line(config: Config, command: Command, skip: Collection[str] = ()) -> list[str]:
@@ -504,3 +511,26 @@ def command_line(config: Config, command: Command, skip: Collection[str] = ()) -
         else:
             args += [flag, str(value)]
     return args
+
+
+def settings_from_command_line(args: Sequence[str], command: Command) -> dict[str, Any]:
+    """The values that options in command_line()'s form give `command`: how `c2boot verify` reads the build options
+    a manifest records."""
+    by_flag = {flag: s for s in SETTINGS if command in s.commands for flag in s.flags}
+    values: dict[str, Any] = {}
+    rest = list(args)
+    while rest:
+        flag = rest.pop(0)
+        setting = by_flag.get(flag)
+        if setting is None or (setting.kind is not bool and not rest):
+            raise C2BootError(f"{flag!r} is not an option of `c2boot {command}` with its value")
+        if setting.kind is bool:
+            values[setting.name] = True
+            continue
+        text = rest.pop(0)
+        try:
+            value = Path(text) if setting.kind is Path else setting.kind(text)
+        except ValueError:
+            raise C2BootError(f"{flag} {text!r} is not a {setting.kind.__name__}") from None
+        values[setting.name] = (*values.get(setting.name, ()), value) if setting.repeatable else value
+    return values

@@ -8,11 +8,15 @@ and dracut runs chrooted. This works as a normal user and inside a rootless cont
 (An overlay over the image mount would exceed the kernel's filesystem stacking depth.)
 """
 
-from collections.abc import Mapping
+import re
+import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from container2boot.run import run
+from container2boot.tree import Tree
 
 # Drivers a VM, a laptop and a USB stick need to find their disks.
 DISK_DRIVERS = (
@@ -25,7 +29,15 @@ LIVE_DRIVERS = "vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs ero
 # An app has no udev of its own: what it needs is loaded by the initrd's udev and stays loaded after the switch to
 # the root. Network cards (and virtio's), the ACPI power button and its input events.
 APP_DRIVERS = "=drivers/net/ethernet virtio_net button evdev"
-KMODDIR = "/tmp/c2boot-kmod/lib/modules"  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
+KMODDIR = "/tmp/c2boot-kmod/lib/modules"
+# The initrd's compression when the kernel unpacks zstd: measured on the example's 70 MB archive, 0.7 s on two cores
+# and 37.5 MB, against 8.1 s and 39.2 MB for the gzip -9 that dracut picks without zstd in the image (and 4.6 s for
+# its zstd -15). zstd's output does not depend on the number of threads.
+ZSTD = ("zstd", "--quiet", "-9", "--threads=0")
+DRACUT_CONFIGURATION = ("etc/dracut.conf.d", "usr/lib/dracut/dracut.conf.d")
+COMPRESSION_CHOSEN = re.compile(r"^\s*compress\s*=", re.MULTILINE)
+CPIO_MAGICS = (b"070701", b"070702")  # newc, with and without checksums
+CPIO_HEADER = 110  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
 
 # $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", $5 a file to list the initrd's
 # paths in (NUL-separated; dracut runs with --keep) or "", then the dracut command line.
@@ -64,6 +76,24 @@ class InitrdJob:
     root_fstype: str | None = None  # installed layout: the root's filesystem; None: live
     netboot: bool = False
     app: bool = False
+    zstd: bool = False  # dracut writes the archive uncompressed, and zstd compresses it here (see ZSTD)
+
+
+def compress_with_zstd(dracut_tree: Tree, kernel_configuration: str | None) -> bool:
+    """Whether the initrd is compressed here with zstd: when the kernel unpacks it (CONFIG_RD_ZSTD), zstd is here,
+    and the image's dracut configuration chooses no compression of its own."""
+    if kernel_configuration is None or not re.search(r"^CONFIG_RD_ZSTD=y", kernel_configuration, re.MULTILINE):
+        return False
+    return shutil.which(ZSTD[0]) is not None and not any(map(COMPRESSION_CHOSEN.search, dracut_settings(dracut_tree)))
+
+
+def dracut_settings(tree: Tree) -> Iterator[str]:
+    """The texts of dracut's configuration files in a directory tree."""
+    paths = ["etc/dracut.conf", *(f"{d}/{name}" for d in DRACUT_CONFIGURATION for name in tree.listdir(d)
+                                  if name.endswith(".conf"))]
+    for path in paths:
+        if tree.is_file(path):
+            yield tree.real_path(path).read_text(errors="replace")
 
 
 def dracut_command(job: InitrdJob) -> list[str]:
@@ -81,7 +111,8 @@ def dracut_command(job: InitrdJob) -> list[str]:
         drivers += f" {APP_DRIVERS}"
     # dracut wants the path to end in lib/modules/VERSION, as the real one does.
     kmoddir = ["--kmoddir", f"{KMODDIR}/{job.kernel_modules.name}"] if job.kernel_modules is not None else []
-    return ["dracut", "--force", "--reproducible", "--no-hostonly", "--no-hostonly-cmdline", "--kver",
+    compression = ["--no-compress"] if job.zstd else []
+    return ["dracut", "--force", "--reproducible", "--no-hostonly", "--no-hostonly-cmdline", *compression, "--kver",
             job.kernel_version, *kmoddir,
             *layout, "--add-drivers", drivers]
 
@@ -99,3 +130,46 @@ def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, st
         "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(), dest.absolute(),
         job.kernel_modules.absolute() if job.kernel_modules else "", listing.absolute() if listing else "", *dracut,
     ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")
+    if job.zstd:
+        compress(dest)
+
+
+def early_archive_end(initrd: BinaryIO) -> int:
+    """Where dracut's early archive (CPU microcode, ACPI tables; marked by its `early_cpio` file) ends, with its
+    padding, in an uncompressed initrd; 0 when it has none. The kernel reads the early archive only uncompressed."""
+    offset, names = 0, set()
+    while True:
+        initrd.seek(offset)
+        header = initrd.read(CPIO_HEADER)
+        if len(header) < CPIO_HEADER or header[:6] not in CPIO_MAGICS:
+            return 0
+        size, name_size = int(header[54:62], 16), int(header[94:102], 16)
+        name = initrd.read(name_size).rstrip(b"\0")
+        offset = _aligned(_aligned(offset + CPIO_HEADER + name_size) + size)
+        if name == b"TRAILER!!!":
+            break
+        names.add(name)
+    if b"early_cpio" not in names:
+        return 0
+    initrd.seek(offset)
+    while initrd.read(4) == b"\0\0\0\0":  # cpio pads its output to whole blocks
+        offset += 4
+    return offset
+
+
+def _aligned(offset: int) -> int:
+    return (offset + 3) & ~3
+
+
+def compress(initrd: Path) -> None:
+    """Compress an uncompressed initrd in place with zstd, but its early archive."""
+    compressed = initrd.with_name(f"{initrd.name}.zst")
+    with initrd.open("rb", buffering=0) as raw, compressed.open("wb") as out:
+        early = early_archive_end(raw)
+        raw.seek(0)
+        out.write(raw.read(early))
+        out.flush()
+        raw.seek(early)
+        run(ZSTD, stdin=raw.fileno(), stdout=out.fileno())
+    compressed.chmod(0o644)
+    compressed.replace(initrd)

@@ -19,9 +19,10 @@ import stat
 from pathlib import Path
 
 from container2boot import __version__, lifecycle
-from container2boot.initrd import SANDBOX_SCRIPT, InitrdJob, dracut_command
+from container2boot.initrd import SANDBOX_SCRIPT, ZSTD, InitrdJob, dracut_command
 from container2boot.log import logger
 from container2boot.manifest import sha256
+from container2boot.run import tool_version_line
 from container2boot.tree import Entry, resolve_links
 
 INPUTS = "inputs.json"
@@ -100,7 +101,8 @@ def recipe(job: InitrdJob, epoch: int) -> str:
     text = json.dumps({"container2boot": __version__, "dracut": dracut_command(job), "version": job.dracut_version,
                        "sandbox": SANDBOX_SCRIPT, "kernel": job.kernel_version, "epoch": epoch,
                        "modules": listing.hexdigest(), "dracut files": tree_digest(job.dracut_root, DRACUT_OWN),
-                       "tools": tree_digest(job.dracut_root, DRACUT_TOOLS)}, sort_keys=True)
+                       "tools": tree_digest(job.dracut_root, DRACUT_TOOLS),
+                       "zstd": tool_version_line(ZSTD[0]) if job.zstd else None}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

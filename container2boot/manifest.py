@@ -12,7 +12,7 @@ from container2boot.rootfs import Report
 from container2boot.run import tool_version_line
 
 MANIFEST_VERSION = 1
-ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "mkfs.erofs", "grub-mkimage", "mcopy", "syslinux", "qemu-img")
+ASSEMBLE_TOOLS = ("systemd-repart", "tar2sqfs", "mkfs.erofs", "zstd", "grub-mkimage", "mcopy", "syslinux", "qemu-img")
 NOT_ARTIFACTS = ("manifest.json", "SHA256SUMS")  # SHA256SUMS is made from the artifacts; the manifest lists it
 
 

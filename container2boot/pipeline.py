@@ -16,10 +16,10 @@ from container2boot import accounts, bios, clouds, formats, lifecycle, reproduci
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.cache import Cache, output_key
 from container2boot.cache import default_directory as cache_directory
-from container2boot.config import NOT_OUTPUT_SETTINGS, Config, command_line
+from container2boot.config import IMAGE_AND_TEST_SETTINGS, NOT_OUTPUT_SETTINGS, Config, command_line
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
-from container2boot.initrd import InitrdJob, build_initrd
+from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd
 from container2boot.initrdcache import InitrdCache
 from container2boot.initrdcache import recipe as initrd_recipe
 from container2boot.log import StageTimer, logger
@@ -27,7 +27,7 @@ from container2boot.manifest import artifacts, build_manifest, read_manifest, sh
 from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
 from container2boot.plan import ImageConfig, Plan, decide
 from container2boot.reproducible import Reproducible
-from container2boot.rootfs import Report, examine, examine_directory
+from container2boot.rootfs import Report, examine, examine_directory, kernel_config
 from container2boot.run import run
 from container2boot.tree import Tree
 
@@ -165,9 +165,10 @@ def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootP
     image_modules = None
     if plan.kind == "own-kernel":
         image_modules = sources.report.tree.real_path(f"usr/lib/modules/{plan.kernel_version}")
+    zstd = compress_with_zstd(dracut_report.tree, kernel_config(sources.kernel_tree[0], plan.kernel_version))
     return InitrdJob(dracut_root, dracut_report.dracut_modules, dracut_report.dracut_version, plan.kernel_version,
                      image_modules,
-                     root_partition.fstype if root_partition else None, config.netboot, plan.init == "app")
+                     root_partition.fstype if root_partition else None, config.netboot, plan.init == "app", zstd)
 
 
 def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
@@ -261,7 +262,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                 extra.left_out if extra else (), same.environment()))
         with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                          f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
-                         f"dracut (kernel {plan.kernel_version})"):
+                         f"dracut (kernel {plan.kernel_version}{'; zstd compresses it' if job.zstd else ''})"):
             # Dated by the kernel, not by the image: a changed image with the same kernel can reuse the initrd and
             # still get the very bytes a build without the cache would make.
             kernel_date = int(kernel_report.kernel_image_path.stat().st_mtime)
@@ -437,10 +438,10 @@ def build(config: Config) -> BuildResult:
         if reused:
             logger.info("    the same image was built with the same settings before: its outputs are reused "
                         "(--no-cache makes them again)")
-            record_build(staging, timer, "reused")
+            record_build(staging, config, timer, "reused")
         else:
             key = assemble_in_rootbuilder(session, image, staging, config, timer)
-            record_build(staging, timer, "built")
+            record_build(staging, config, timer, "built")
             with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
                     cache_trouble(outputs_cache, storing=True):
                 outputs_cache.store(key, staging, image.reference, " ".join(output_settings(config)))
@@ -491,6 +492,12 @@ def output_settings(config: Config) -> list[str]:
     return command_line(config, "assemble", skip=NOT_OUTPUT_SETTINGS)
 
 
+def rebuild_options(config: Config) -> list[str]:
+    """The `c2boot build` options that make the same outputs from the same image: those of the assemble stage and
+    those that choose the rootbuilder and the supplied kernel."""
+    return command_line(config, "build", skip=NOT_OUTPUT_SETTINGS | IMAGE_AND_TEST_SETTINGS)
+
+
 def output_keys(session: "Session", config: Config, image: "MachineImage", supplied: bool | None = None) -> list[str]:
     """The cache keys of this build's outputs: by the image (its id and name), the rootbuilder, the supplied
     kernel's image when the plan uses it (`supplied`; None: not known yet, so both keys), the settings, the source
@@ -508,10 +515,12 @@ def output_keys(session: "Session", config: Config, image: "MachineImage", suppl
     return [output_key({**parts, "kernel": k}, inputs) for k in kernels]
 
 
-def record_build(staging: Path, timer: StageTimer, how: str) -> None:
-    """The manifest says whether the outputs were built or reused from the cache, and this run's stage times
-    (with the assemble stage's own when it ran)."""
+def record_build(staging: Path, config: Config, timer: StageTimer, how: str) -> None:
+    """The manifest says how to build the outputs again from the image it names (for `c2boot verify`), whether
+    they were built or reused from the cache, and this run's stage times (with the assemble stage's own when it
+    ran)."""
     manifest = read_manifest(staging)
+    manifest["build"] = {"options": rebuild_options(config)}
     manifest["cache"] = {**manifest.get("cache", {}), "outputs": how} if how == "built" else {"outputs": how}
     assembled = {"assemble_stages": manifest["timings_seconds"]} if how == "built" else {}
     manifest["timings_seconds"] = {**timer.seconds, **assembled}

@@ -336,6 +336,15 @@ def dpkg_major_version(tree: Tree, package: str) -> int | None:
     return None
 
 
+def kernel_config(root: Path, version: str) -> str | None:
+    """The configuration the kernel `version` was built with, where a directory tree keeps it (Debian and Ubuntu in
+    /boot, Fedora and Arch beside the modules); None when it keeps none."""
+    for path in (root / "boot" / f"config-{version}", root / "usr/lib/modules" / version / "config"):
+        if path.is_file():
+            return path.read_text(errors="replace")
+    return None
+
+
 def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str | None = None) -> Report:
     """Everything `c2boot inspect` reports about a tree; `labels` and `architecture` come from the image's
     metadata when there is an image."""

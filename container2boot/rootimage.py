@@ -22,6 +22,7 @@ from container2boot import lifecycle
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.reproducible import Reproducible
+from container2boot.rootfs import kernel_config
 from container2boot.run import dracut_at_least, failure_message, require_tool
 
 # GNU tar would store POSIX ACLs as system.posix_acl_* xattrs; squashfs cannot hold them.
@@ -64,13 +65,11 @@ def check_bootable(root_format: str, compression: str, kernel_root: Path, kernel
     if not dracut_at_least(dracut_version, EROFS_DRACUT):
         raise C2BootError(f"the initrd's dracut {dracut_version} cannot mount an EROFS root (dracut "
                           f"{'.'.join(map(str, EROFS_DRACUT))} or newer can): use --root-format squashfs")
-    kernel_config = next((path for path in (kernel_root / "boot" / f"config-{kernel_version}",
-                                            kernel_root / "usr/lib/modules" / kernel_version / "config")
-                          if path.is_file()), None)
-    if kernel_config is None:
+    configuration = kernel_config(kernel_root, kernel_version)
+    if configuration is None:
         logger.info("    the kernel keeps no configuration in the image: whether it reads EROFS is not checked")
         return
-    options = set(re.findall(r"^(CONFIG_EROFS_\w+)=[ym]", kernel_config.read_text(errors="replace"), re.M))
+    options = set(re.findall(r"^(CONFIG_EROFS_\w+)=[ym]", configuration, re.M))
     needed = EROFS_COMPRESSORS[compression][1]
     if "CONFIG_EROFS_FS" not in options:
         raise C2BootError(f"kernel {kernel_version} cannot read EROFS (no CONFIG_EROFS_FS): use --root-format "

@@ -78,8 +78,8 @@ def test_example_boots_under_uefi(example_build: Path) -> None:
 
 def test_build_from_existing_image_with_an_erofs_root_boots(example_build: Path, tmp_path: Path) -> None:
     """--image: an existing local image; --root-format erofs: the root image is EROFS, mounted by the booted kernel
-    (its message on the console), and rebuilt with the same bytes; --cmdline reaches the booted kernel (it sets the
-    hostname)."""
+    (its message on the console), and `c2boot verify` rebuilds it with the same bytes; --cmdline reaches the booted
+    kernel (it sets the hostname)."""
     out = tmp_path / "out"
     settings = ("--image", EXAMPLE_IMAGE, "--root-format", "erofs", "--cmdline", "systemd.hostname=from-image",
                 "--diskimage")
@@ -96,8 +96,14 @@ def test_build_from_existing_image_with_an_erofs_root_boots(example_build: Path,
     assert "root filesystem overlay" in console
     assert re.search(r"erofs: \(device loop\d+\): mounted with root inode", console), console[-3000:]
     again = tmp_path / "again"
-    c2boot("build", *settings, "--no-cache", "-o", again)
+    verified = c2boot("verify", out, "-o", again)  # builds it again as the manifest says, and compares
+    assert re.search(r"is reproducible: its \d+ files and manifest.json are identical", verified.stderr)
     conftest.assert_rebuilt_identically(out, again)
+    manifest = json.loads((again / "manifest.json").read_text())
+    manifest["source"]["id"] = "0" * 64
+    (again / "manifest.json").write_text(json.dumps(manifest))
+    refused = c2boot("verify", again, check=False)  # the recorded image is not the one its name gives: no build
+    assert refused.returncode == 1 and "which the outputs were built from" in refused.stderr.splitlines()[-1]
 
 
 def test_esp_only_build_without_diskimage(example_build: Path, tmp_path: Path) -> None:

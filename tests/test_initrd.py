@@ -1,0 +1,81 @@
+"""The initrd's compression: zstd here when the kernel unpacks it, dracut's own otherwise; the early archive
+(microcode) stays uncompressed in front."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from container2boot import initrd
+from container2boot.initrd import InitrdJob, compress, compress_with_zstd, dracut_command, early_archive_end
+from container2boot.tree import Tree
+
+ZSTD_KERNEL = "CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n"
+
+
+def newc(*files: tuple[str, bytes]) -> bytes:
+    """A cpio archive in the newc format, as dracut writes it, padded to 512-byte blocks as cpio pads."""
+    out = b""
+    for number, (name, data) in enumerate([*files, ("TRAILER!!!", b"")], start=1):
+        encoded = name.encode() + b"\0"
+        fields = [number, 0o100644, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        out += b"070701" + b"".join(b"%08X" % field for field in fields) + encoded
+        out += b"\0" * (-len(out) % 4) + data
+        out += b"\0" * (-len(out) % 4)
+    return out + b"\0" * (-len(out) % 512)
+
+
+def dracut_tree(tmp_path: Path, conf: str | None = None) -> Tree:
+    (tmp_path / "usr/lib/dracut/dracut.conf.d").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "usr/lib/dracut/dracut.conf.d/01-dist.conf").write_text("hostonly=no\n")
+    if conf is not None:
+        (tmp_path / "etc/dracut.conf.d").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "etc/dracut.conf.d/10-mine.conf").write_text(conf)
+    return Tree.from_directory(tmp_path)
+
+
+def test_zstd_compresses_when_the_kernel_unpacks_it_and_the_image_chose_nothing(tmp_path: Path) -> None:
+    assert compress_with_zstd(dracut_tree(tmp_path), ZSTD_KERNEL)
+    assert not compress_with_zstd(dracut_tree(tmp_path), "CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")
+    assert not compress_with_zstd(dracut_tree(tmp_path), None)  # no configuration: dracut's own check decides
+
+
+def test_a_compression_the_image_chose_is_kept(tmp_path: Path) -> None:
+    tree = dracut_tree(tmp_path, conf='# ours\n  compress="xz"\n')
+    assert not compress_with_zstd(tree, ZSTD_KERNEL)
+
+
+def test_no_zstd_here_leaves_it_to_dracut(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(initrd.shutil, "which", lambda name: None)
+    assert not compress_with_zstd(dracut_tree(tmp_path), ZSTD_KERNEL)
+
+
+def test_dracut_writes_it_uncompressed_only_for_zstd() -> None:
+    job = InitrdJob(Path("/rootfs"), frozenset({"dmsquash-live"}), "106", "6.12.0", zstd=True)
+    assert "--no-compress" in dracut_command(job)
+    assert "--no-compress" not in dracut_command(InitrdJob(Path("/rootfs"), frozenset(), "106", "6.12.0"))
+
+
+def test_the_early_archive_stays_uncompressed_in_front(tmp_path: Path) -> None:
+    early = newc(("early_cpio", b"1\n"), ("kernel/x86/microcode/GenuineIntel.bin", b"\x01" * 1001))
+    main = newc(("init", b"#!/bin/sh\n" * 500), ("etc/os-release", b"ID=debian\n"))
+    path = tmp_path / "initrd.img"
+    path.write_bytes(early + main)
+    with path.open("rb") as f:
+        assert early_archive_end(f) == len(early)
+    compress(path)
+    data = path.read_bytes()
+    assert data[:len(early)] == early and data[len(early):len(early) + 4] == bytes.fromhex("28b52ffd")  # zstd
+    rest = subprocess.run(["zstd", "-d", "-c"], input=data[len(early):], capture_output=True, check=True).stdout
+    assert rest == main
+    assert path.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "initrd.img.zst").exists()
+
+
+def test_without_an_early_archive_all_of_it_is_compressed(tmp_path: Path) -> None:
+    main = newc(("init", b"x" * 3000))
+    path = tmp_path / "initrd.img"
+    path.write_bytes(main)
+    with path.open("rb") as f:
+        assert early_archive_end(f) == 0
+    compress(path)
+    assert subprocess.run(["zstd", "-d", "-c", path], capture_output=True, check=True).stdout == main
