@@ -208,10 +208,10 @@ SETTINGS: tuple[Setting, ...] = (
             panel="Machine image"),
     Setting("build_args", str, (), "Build argument for the machine image, as for podman build. Repeatable.",
             ("--build-arg",), BUILD, repeatable=True, metavar="KEY=VALUE", panel="Machine image"),
-    Setting("pull", str, "missing", "When to pull images (--image, the Containerfile's FROM) from their registry, as "
-            "podman build --pull: missing (those not here), always (fail when the registry cannot be reached), "
-            "newer (when the registry has a newer one), never.", ("--pull",), BUILD, choices=PULL_POLICIES,
-            panel="Machine image"),
+    Setting("pull", str, "missing", "When to pull images (--image, --kernel-image, the Containerfile's FROM) from "
+            "their registry, as podman build --pull: missing (those not here), always (fail when the registry "
+            "cannot be reached), newer (when the registry has a newer one), never.", ("--pull",), BUILD,
+            choices=PULL_POLICIES, panel="Machine image"),
     Setting("secrets", str, (), "Build secret for the machine image, as for podman build "
             "(e.g. id=chpass,src=./creds). Repeatable.", ("--secret",), BUILD, repeatable=True,
             metavar="id=ID,src=PATH", panel="Machine image"),
@@ -311,6 +311,18 @@ class Config:
     # its OCI configuration (JSON of plan.ImageConfig: ENTRYPOINT, CMD, ENV...), which the plan reads.
     source: Mapping[str, str] = field(default_factory=dict)
     image_config: str = ""
+
+    def with_absolute_paths(self) -> "Config":
+        """The same settings with every file they name by absolute path (to be read again from elsewhere)."""
+        def absolute(path: Path) -> Path:
+            return path.expanduser().absolute()
+
+        secret = self.password_secret
+        if secret is not None:
+            fields = (part.partition("=")[::2] for part in secret.split(","))
+            secret = ",".join(f"{k}={absolute(Path(v)) if k == 'src' else v}" for k, v in fields)
+        return self.replace(ssh_keys=tuple(map(absolute, self.ssh_keys)), password_secret=secret,
+                            cloud_init=None if self.cloud_init is None else absolute(self.cloud_init))
 
     def __post_init__(self) -> None:
         for name, value, choices in (("compression", self.compression, COMPRESSIONS),
@@ -531,6 +543,6 @@ def settings_from_command_line(args: Sequence[str], command: Command) -> dict[st
         try:
             value = Path(text) if setting.kind is Path else setting.kind(text)
         except ValueError:
-            raise C2BootError(f"{flag} {text!r} is not a {setting.kind.__name__}") from None
+            raise C2BootError(f"{flag} {text!r} is not a whole number") from None  # int is the only other kind
         values[setting.name] = (*values.get(setting.name, ()), value) if setting.repeatable else value
     return values

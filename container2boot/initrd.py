@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from container2boot.log import logger
 from container2boot.run import run
 from container2boot.tree import Tree
 
@@ -29,7 +30,7 @@ LIVE_DRIVERS = "vfat fat nls_cp437 nls_ascii nls_iso8859_1 nls_utf8 squashfs ero
 # An app has no udev of its own: what it needs is loaded by the initrd's udev and stays loaded after the switch to
 # the root. Network cards (and virtio's), the ACPI power button and its input events.
 APP_DRIVERS = "=drivers/net/ethernet virtio_net button evdev"
-KMODDIR = "/tmp/c2boot-kmod/lib/modules"
+KMODDIR = "/tmp/c2boot-kmod/lib/modules"  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
 # The initrd's compression when the kernel unpacks zstd: measured on the example's 70 MB archive, 0.7 s on two cores
 # and 37.5 MB, against 8.1 s and 39.2 MB for the gzip -9 that dracut picks without zstd in the image (and 4.6 s for
 # its zstd -15). zstd's output does not depend on the number of threads.
@@ -37,7 +38,7 @@ ZSTD = ("zstd", "--quiet", "-9", "--threads=0")
 DRACUT_CONFIGURATION = ("etc/dracut.conf.d", "usr/lib/dracut/dracut.conf.d")
 COMPRESSION_CHOSEN = re.compile(r"^\s*compress\s*=", re.MULTILINE)
 CPIO_MAGICS = (b"070701", b"070702")  # newc, with and without checksums
-CPIO_HEADER = 110  # another tree's modules appear inside the sandbox as KMODDIR/VERSION
+CPIO_HEADER = 110
 
 # $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", $5 a file to list the initrd's
 # paths in (NUL-separated; dracut runs with --keep) or "", then the dracut command line.
@@ -143,7 +144,10 @@ def early_archive_end(initrd: BinaryIO) -> int:
         header = initrd.read(CPIO_HEADER)
         if len(header) < CPIO_HEADER or header[:6] not in CPIO_MAGICS:
             return 0
-        size, name_size = int(header[54:62], 16), int(header[94:102], 16)
+        try:
+            size, name_size = int(header[54:62], 16), int(header[94:102], 16)
+        except ValueError:  # not a header after all: no early archive can be told apart
+            return 0
         name = initrd.read(name_size).rstrip(b"\0")
         offset = _aligned(_aligned(offset + CPIO_HEADER + name_size) + size)
         if name == b"TRAILER!!!":
@@ -162,14 +166,23 @@ def _aligned(offset: int) -> int:
 
 
 def compress(initrd: Path) -> None:
-    """Compress an uncompressed initrd in place with zstd, but its early archive."""
+    """Compress an uncompressed initrd in place with zstd, but its early archive. What is not a cpio archive (a
+    dracut that compressed it all the same) is left as it is."""
     compressed = initrd.with_name(f"{initrd.name}.zst")
-    with initrd.open("rb", buffering=0) as raw, compressed.open("wb") as out:
-        early = early_archive_end(raw)
-        raw.seek(0)
-        out.write(raw.read(early))
-        out.flush()
-        raw.seek(early)
-        run(ZSTD, stdin=raw.fileno(), stdout=out.fileno())
+    with initrd.open("rb", buffering=0) as raw:
+        if raw.read(6) not in CPIO_MAGICS:
+            logger.warning("    warning: dracut did not write an uncompressed initrd: it is kept as dracut made it")
+            return
+        try:
+            with compressed.open("wb") as out:
+                early = early_archive_end(raw)
+                raw.seek(0)
+                out.write(raw.read(early))
+                out.flush()
+                raw.seek(early)
+                run(ZSTD, stdin=raw.fileno(), stdout=out.fileno())
+        except BaseException:
+            compressed.unlink(missing_ok=True)
+            raise
     compressed.chmod(0o644)
     compressed.replace(initrd)

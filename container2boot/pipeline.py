@@ -438,10 +438,10 @@ def build(config: Config) -> BuildResult:
         if reused:
             logger.info("    the same image was built with the same settings before: its outputs are reused "
                         "(--no-cache makes them again)")
-            record_build(staging, config, timer, "reused")
+            record_build(staging, session, config, timer, "reused")
         else:
             key = assemble_in_rootbuilder(session, image, staging, config, timer)
-            record_build(staging, config, timer, "built")
+            record_build(staging, session, config, timer, "built")
             with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
                     cache_trouble(outputs_cache, storing=True):
                 outputs_cache.store(key, staging, image.reference, " ".join(output_settings(config)))
@@ -494,8 +494,8 @@ def output_settings(config: Config) -> list[str]:
 
 def rebuild_options(config: Config) -> list[str]:
     """The `c2boot build` options that make the same outputs from the same image: those of the assemble stage and
-    those that choose the rootbuilder and the supplied kernel."""
-    return command_line(config, "build", skip=NOT_OUTPUT_SETTINGS | IMAGE_AND_TEST_SETTINGS)
+    those that choose the rootbuilder and the supplied kernel; files by absolute path, to be found from anywhere."""
+    return command_line(config.with_absolute_paths(), "build", skip=NOT_OUTPUT_SETTINGS | IMAGE_AND_TEST_SETTINGS)
 
 
 def output_keys(session: "Session", config: Config, image: "MachineImage", supplied: bool | None = None) -> list[str]:
@@ -508,19 +508,21 @@ def output_keys(session: "Session", config: Config, image: "MachineImage", suppl
     kernel = session.image(kernel_tag(config))
     parts = {"image": image.reference, "image_id": image.image_id,
              "rootbuilder": rootbuilder.image_id if rootbuilder else None, "settings": output_settings(config),
-             "source_date_epoch": config.source.get("source_date_epoch")}
+             "source_date_epoch": image.source_date(config.source)}
     inputs = [host for host, _ in container_inputs(config)[0]]
     kernels = [None, kernel.image_id if kernel else None] if supplied is None else \
         [kernel.image_id if supplied and kernel else None]
     return [output_key({**parts, "kernel": k}, inputs) for k in kernels]
 
 
-def record_build(staging: Path, config: Config, timer: StageTimer, how: str) -> None:
-    """The manifest says how to build the outputs again from the image it names (for `c2boot verify`), whether
-    they were built or reused from the cache, and this run's stage times (with the assemble stage's own when it
-    ran)."""
+def record_build(staging: Path, session: "Session", config: Config, timer: StageTimer, how: str) -> None:
+    """The manifest says how to build the outputs again from the image it names (for `c2boot verify`: the options
+    and the rootbuilder, which the cache key holds too), whether they were built or reused from the cache, and this
+    run's stage times (with the assemble stage's own when it ran)."""
     manifest = read_manifest(staging)
-    manifest["build"] = {"options": rebuild_options(config)}
+    rootbuilder = session.image(session.rootbuilder_tag(config.base_image))
+    manifest["build"] = {"options": rebuild_options(config),
+                         "rootbuilder": rootbuilder.image_id if rootbuilder else None}
     manifest["cache"] = {**manifest.get("cache", {}), "outputs": how} if how == "built" else {"outputs": how}
     assembled = {"assemble_stages": manifest["timings_seconds"]} if how == "built" else {}
     manifest["timings_seconds"] = {**timer.seconds, **assembled}

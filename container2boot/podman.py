@@ -57,6 +57,10 @@ class MachineImage:
     digest: str | None
     created: int | None = None  # seconds since the epoch: the default source date of reproducible outputs
 
+    def source_date(self, source: Mapping[str, str]) -> str:
+        """The source date its outputs get: SOURCE_DATE_EPOCH as given, else the image's creation; "" for none."""
+        return source.get("source_date_epoch") or ("" if self.created is None else str(self.created))
+
 
 def kernel_tag(config: Config) -> str:
     """The kernel image to use: --kernel-image, else the bundled one's tag (the hash of its Containerfile and base)."""
@@ -339,9 +343,11 @@ class Session:
         generic signed kernel, dracut, its live and network modules), built on first use and tagged by the hash of
         its Containerfile and base."""
         if config.kernel_image:
-            found = self.pull(config.kernel_image)
+            found = self.pull(config.kernel_image, config.pull)
             if found is None:
-                raise C2BootError(f"kernel image {config.kernel_image} not found locally and could not be pulled")
+                how = "is not here (--pull never)" if config.pull == "never" else \
+                    "not found locally and could not be pulled"
+                raise C2BootError(f"kernel image {config.kernel_image} {how}")
             return found.image_id
         containerfile = containerfiles() / "Containerfile.kernel"
         tag = kernel_tag(config)
@@ -451,8 +457,7 @@ class Session:
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
                              "C2BOOT_KERNEL_IMAGE": kernel_image or "", "XDG_CACHE_HOME": CONTAINER_CACHE_HOME,
-                             "SOURCE_DATE_EPOCH": config.source.get("source_date_epoch")
-                             or ("" if image.created is None else str(image.created))},
+                             "SOURCE_DATE_EPOCH": image.source_date(config.source)},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )
         except APIError as e:

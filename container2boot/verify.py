@@ -40,51 +40,82 @@ class Verdict:
                 + [f"    manifest.json differs in: {', '.join(self.manifest)}"] * bool(self.manifest))
 
 
-def recorded_build(out: Path) -> dict[str, Any]:
-    """`out`'s manifest, checked to name the image and the build options it was made with."""
+@dataclass(frozen=True)
+class Recorded:
+    """What a manifest says of how its outputs were made."""
+
+    image: str
+    image_id: str
+    digest: str | None
+    epoch: int  # the source date
+    options: tuple[str, ...]
+    values: dict[str, Any]  # the options as settings
+    version: str | None  # container2boot's
+    rootbuilder: str | None  # its image id
+
+
+def recorded_build(out: Path) -> Recorded:
+    """How `out` was built, from its manifest: the image, the options and the source date."""
+    where = f"{out}/manifest.json"
     try:
         manifest = read_manifest(out)
     except FileNotFoundError:
         raise C2BootError(f"{out} has no manifest.json: pass the output directory of `c2boot build`") from None
     except (OSError, ValueError) as e:
-        raise C2BootError(f"{out}/manifest.json cannot be read ({e}): pass the output directory of `c2boot build`, "
-                          "as it wrote it") from None
-    source = manifest.get("source") or {}
-    options = (manifest.get("build") or {}).get("options")
-    if not isinstance(options, list) or not source.get("image") or not source.get("id"):
-        raise C2BootError(f"{out}/manifest.json does not say how it was built (`c2boot assemble` and older "
-                          f"container2boot do not record it): build it again the same way and compare with "
-                          f"`sha256sum -c {out}/{CHECKSUMS}`")
-    return manifest
+        raise C2BootError(f"{where} cannot be read ({e}): pass the output directory of `c2boot build`, as it wrote "
+                          "it") from None
+    manifest = manifest if isinstance(manifest, dict) else {}
+    source, build = manifest.get("source"), manifest.get("build")
+    source = source if isinstance(source, dict) else {}
+    options = build.get("options") if isinstance(build, dict) else None
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options) or \
+            not isinstance(source.get("image"), str) or not isinstance(source.get("id"), str):
+        raise C2BootError(f"{where} does not say how it was built (`c2boot assemble` and older container2boot do "
+                          f"not record it): build it again the same way and compare with `sha256sum -c "
+                          f"{out}/{CHECKSUMS}`")
+    try:
+        epoch = int(datetime.fromisoformat(str(manifest.get("created"))).timestamp())
+        values = settings_from_command_line(options, "build")
+    except (ValueError, C2BootError) as e:
+        raise C2BootError(f"{where} cannot be rebuilt from: {e}") from None
+    assert isinstance(build, dict)
+    return Recorded(source["image"], source["id"], source.get("digest"), epoch, tuple(options), values,
+                    manifest.get("container2boot"), build.get("rootbuilder"))
 
 
-def rebuild_config(manifest: dict[str, Any], output: Path, config: Config) -> Config:
+def rebuild_config(recorded: Recorded, output: Path, config: Config) -> Config:
     """The build that makes the outputs again: the recorded options, the recorded image as it is here (never
-    pulled: a name may point elsewhere now), no cache, the recorded source date (the manifest's `created`)."""
-    values = settings_from_command_line(manifest["build"]["options"], "build")
-    epoch = int(datetime.fromisoformat(manifest["created"]).timestamp())
-    return make_config({**values, "image": manifest["source"]["image"], "pull": "never", "no_cache": True,
+    pulled: a name may point elsewhere now, and so may a --kernel-image), no cache, the recorded source date."""
+    return make_config({**recorded.values, "image": recorded.image, "pull": "never", "no_cache": True,
                         "output": output, "verbose": config.verbose, "quiet": config.quiet},
-                       source={"source_date_epoch": str(epoch)})
+                       source={"source_date_epoch": str(recorded.epoch)})
 
 
-def check_image(manifest: dict[str, Any]) -> None:
-    """The recorded image name must still name the recorded image here: a rebuild of another image proves nothing."""
+def check_sources(recorded: Recorded, rebuild: Config) -> None:
+    """The recorded image name must still give the recorded image here (a rebuild of another image proves
+    nothing); another rootbuilder is worth a warning, as differences may come from its tools."""
     from container2boot import podman  # host side only
 
-    reference, image_id = manifest["source"]["image"], manifest["source"]["id"]
+    reference, image_id = recorded.image, recorded.image_id
     with podman.session() as session:
         found = session.image(reference)
-    digest = manifest["source"].get("digest")
+        rootbuilder = session.image(session.rootbuilder_tag(rebuild.base_image))
     if found is None:
-        where = f"pull it by digest (`podman pull NAME@{digest}`) and tag it {reference}" if digest else \
-            f"build or load it as {reference}"
+        where = f"pull it by digest (`podman pull NAME@{recorded.digest}`) and tag it {reference}" \
+            if recorded.digest else f"build or load it as {reference}"
         raise C2BootError(f"the image the outputs were built from, {reference} (id {image_id[:12]}), is not here: "
                           f"{where}")
     if found.image_id != image_id:
         raise C2BootError(f"{reference} is now image {found.image_id[:12]}, not {image_id[:12]} which the outputs "
                           f"were built from: tag that one as {reference} again (`podman tag {image_id[:12]} "
                           f"{reference}`)")
+    if recorded.rootbuilder and (rootbuilder is None or rootbuilder.image_id != recorded.rootbuilder):
+        logger.warning("    warning: the rootbuilder here (%s) is not the one the outputs were built with (%s): "
+                       "differences may come from its tools", rootbuilder.image_id[:12] if rootbuilder else
+                       "not built yet", recorded.rootbuilder[:12])
+    if recorded.version != __version__:
+        logger.warning("    warning: the outputs were built by container2boot %s; this is %s, whose outputs may "
+                       "differ for that reason alone", recorded.version, __version__)
 
 
 def compare(published: Path, rebuilt: Path) -> Verdict:
@@ -110,18 +141,15 @@ def verify(out: Path, config: Config) -> Verdict:
     """Build `out` again as its manifest says (into --output, else a temporary directory beside it) and compare."""
     from container2boot.pipeline import build  # host side only
 
-    manifest = recorded_build(out)
-    check_image(manifest)
-    if manifest.get("container2boot") != __version__:
-        logger.warning("    warning: %s was built by container2boot %s; this is %s, whose outputs may differ for "
-                       "that reason alone", out, manifest.get("container2boot"), __version__)
-    options = " ".join(manifest["build"]["options"]) or "(none)"
-    logger.info("c2boot: building %s again from %s, with the options it was built with: %s", out,
-                manifest["source"]["image"], options)
+    recorded = recorded_build(out)
+    if config.rebuild_output is not None and config.rebuild_output.exists():
+        raise C2BootError(f"--output {config.rebuild_output} exists: name a new directory for the rebuild")
+    check_sources(recorded, rebuild_config(recorded, out, config))
+    logger.info("c2boot: building %s again from %s, with the options it was built with: %s", out, recorded.image,
+                " ".join(recorded.options) or "(none)")
     with ExitStack() as stack:
         rebuilt = config.rebuild_output or \
             stack.enter_context(lifecycle.temporary_directory(REBUILD_PREFIX, out.absolute().parent)) / "rebuild"
-        build(rebuild_config(manifest, rebuilt, config))
+        build(rebuild_config(recorded, rebuilt, config))
         with StageTimer().stage("compare", f"Comparing {out} with the rebuild"):
             return compare(out, rebuilt)
-

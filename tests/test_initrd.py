@@ -71,6 +71,20 @@ def test_the_early_archive_stays_uncompressed_in_front(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o777 == 0o644 and not (tmp_path / "initrd.img.zst").exists()
 
 
+def test_what_is_no_cpio_archive_is_left_as_dracut_made_it(tmp_path: Path) -> None:
+    path = tmp_path / "initrd.img"
+    path.write_bytes(bytes.fromhex("1f8b0800") + b"\0" * 100)  # gzip: dracut compressed it after all
+    compress(path)
+    assert path.read_bytes() == bytes.fromhex("1f8b0800") + b"\0" * 100
+
+
+def test_a_damaged_header_is_no_early_archive(tmp_path: Path) -> None:
+    path = tmp_path / "initrd.img"
+    path.write_bytes(b"070701" + b"zz" * 60)
+    with path.open("rb") as f:
+        assert early_archive_end(f) == 0
+
+
 def test_without_an_early_archive_all_of_it_is_compressed(tmp_path: Path) -> None:
     main = newc(("init", b"x" * 3000))
     path = tmp_path / "initrd.img"

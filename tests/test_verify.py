@@ -31,6 +31,16 @@ def test_the_recorded_options_give_the_same_outputs_settings() -> None:
     assert again.ssh_keys == BUILT.ssh_keys and again.base_image == BUILT.base_image
 
 
+def test_files_are_recorded_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = make_config({"ssh_keys": [Path("key.pub")], "cloud_init": Path("user-data"),
+                          "password_secret": "id=pw,src=secret.txt"})
+    options = rebuild_options(config)
+    assert options[options.index("--ssh-key") + 1] == str(tmp_path / "key.pub")
+    assert options[options.index("--cloud-init") + 1] == str(tmp_path / "user-data")
+    assert options[options.index("--password-secret") + 1] == f"id=pw,src={tmp_path / 'secret.txt'}"
+
+
 def test_options_that_do_not_read_back_are_refused() -> None:
     with pytest.raises(C2BootError, match="--nonsense"):
         settings_from_command_line(["--nonsense"], "build")
@@ -38,7 +48,7 @@ def test_options_that_do_not_read_back_are_refused() -> None:
         settings_from_command_line(["--size"], "build")  # a value is missing
     with pytest.raises(C2BootError, match="--ssh-port"):
         settings_from_command_line(["--ssh-port", "22"], "build")  # run's, not build's
-    with pytest.raises(C2BootError, match="not a int"):
+    with pytest.raises(C2BootError, match="not a whole number"):
         settings_from_command_line(["--timeout", "soon"], "build")
 
 
@@ -84,8 +94,8 @@ def test_every_file_is_hashed_again_not_trusted_from_its_checksums(tmp_path: Pat
 
 def test_the_rebuild_takes_the_recorded_image_date_and_options(tmp_path: Path) -> None:
     published = outputs(tmp_path / "a")
-    manifest = recorded_build(published)
-    config = rebuild_config(manifest, tmp_path / "rebuilt", Config(quiet=True))
+    recorded = recorded_build(published)
+    config = rebuild_config(recorded, tmp_path / "rebuilt", Config(quiet=True))
     assert config.image == "localhost/m:1" and config.pull == "never" and config.no_cache and config.diskimage
     assert config.source == {"source_date_epoch": "1795804069"} and config.quiet
     assert config.output == tmp_path / "rebuilt"
@@ -95,6 +105,11 @@ def test_the_rebuild_takes_the_recorded_image_date_and_options(tmp_path: Path) -
     (None, "has no manifest.json"),
     ("{not json", "cannot be read"),
     (json.dumps({"source": {"image": "x", "id": "y"}}), r"does not say how it was built .*sha256sum -c"),
+    (json.dumps(["a list"]), "does not say how it was built"),
+    (json.dumps({"source": {"image": "x", "id": "y"}, "build": {"options": [1]}}), "does not say how it was built"),
+    (json.dumps({"source": {"image": "x", "id": "y"}, "build": {"options": []}}), "cannot be rebuilt from: Invalid"),
+    (json.dumps({"source": {"image": "x", "id": "y"}, "build": {"options": ["--size"]}, "created": "2026-11-27"}),
+     "cannot be rebuilt from: '--size' is not an option"),
 ])
 def test_outputs_that_cannot_be_verified_say_why(tmp_path: Path, manifest: str | None, error: str) -> None:
     if manifest is not None:
