@@ -144,12 +144,13 @@ def verify(out: Path, config: Config) -> Verdict:
     recorded = recorded_build(out)
     if config.rebuild_output is not None and config.rebuild_output.exists():
         raise C2BootError(f"--output {config.rebuild_output} exists: name a new directory for the rebuild")
-    check_sources(recorded, rebuild_config(recorded, out, config))
-    logger.info("c2boot: building %s again from %s, with the options it was built with: %s", out, recorded.image,
-                " ".join(recorded.options) or "(none)")
     with ExitStack() as stack:
         rebuilt = config.rebuild_output or \
             stack.enter_context(lifecycle.temporary_directory(REBUILD_PREFIX, out.absolute().parent)) / "rebuild"
-        build(rebuild_config(recorded, rebuilt, config))
+        rebuild = rebuild_config(recorded, rebuilt, config)
+        check_sources(recorded, rebuild)
+        logger.info("c2boot: building %s again from %s, with the options it was built with: %s", out,
+                    recorded.image, " ".join(recorded.options) or "(none)")
+        build(rebuild)
         with StageTimer().stage("compare", f"Comparing {out} with the rebuild"):
             return compare(out, rebuilt)
