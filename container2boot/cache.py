@@ -5,7 +5,7 @@ Entries live under the user's cache directory ($XDG_CACHE_HOME/container2boot/ou
 may hold a password's hash). Each is written to a temporary directory and renamed into place, so that a killed
 build never leaves half an entry; a lock file is held shared while an entry is read or written and exclusively
 while entries are evicted, so that concurrent builds share the cache safely. Least recently used entries go first
-when the cache outgrows its limit.
+when the cache outgrows its limit (--cache-size), or would leave less than a tenth of its file system free.
 """
 
 import contextlib
@@ -31,6 +31,7 @@ from container2boot.run import run
 ENTRY = "entry.json"  # what the entry is and the sha256 of every file in it
 LAST_USED = "last-used"  # its modification time is when the entry was last stored or used
 LEFTOVER_SECONDS = 3600  # a half-written entry this old belongs to a killed build, not to one storing now
+KEEP_FREE = 0.10  # the share of its file system the cache always leaves free: builds need the room more
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,15 @@ class Cache:
                     self._remove(self.entries_directory / key)
                 partial.rename(self.entries_directory / key)
                 partial.mkdir()  # for temporary_directory's cleanup
-        self.prune(limit=self.limit)
+        self.prune(limit=self.room())
+
+    def room(self) -> int:
+        """The bytes the cache may hold now: --cache-size, but never so much that its file system keeps less than
+        KEEP_FREE of its size free (the next build, or anything else, would fail for want of space)."""
+        disk = os.statvfs(self.entries_directory)
+        held = sum(entry.size for entry in self.entries())
+        spare = disk.f_bavail * disk.f_frsize - int(disk.f_blocks * disk.f_frsize * KEEP_FREE)
+        return max(0, min(self.limit, held + spare))
 
     def _problem(self, entry: Path) -> str | None:
         """What is wrong with the stored files, or None."""

@@ -38,6 +38,7 @@ from container2boot.tree import Tree
 
 ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
 KERNEL_REPO = "localhost/container2boot/kernel"
+BASE_LABEL = "io.container2boot.base"  # on the rootbuilder and kernel images: the base they were built FROM
 KERNEL_ROOT = "/kernel"  # where the assemble container sees the kernel image
 INPUTS = "/run/c2boot-inputs"  # where it sees the files the settings name (keys, user-data, the password)
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
@@ -272,7 +273,8 @@ class Session:
                                   f"(check that --mirror {mirror} is reachable)")
 
     def build_image(self, context: Path, containerfile: Path, tag: str, buildargs: Mapping[str, str],
-                    secrets: Sequence[str] = (), pull: str = "missing") -> None:
+                    secrets: Sequence[str] = (), pull: str = "missing",
+                    labels: Mapping[str, str] | None = None) -> None:
         """podman build through the API, printing each STEP as it starts; a failure names the failing step. `pull`
         is podman build's --pull policy for its FROM images."""
         tar_path = self.scratch / f"context-{secrets_token()}.tar"
@@ -283,6 +285,7 @@ class Session:
             "pullpolicy": "ifnewer" if pull == "newer" else pull,  # buildah's name for it
             "buildargs": json.dumps(dict(buildargs)),
             "secrets": json.dumps([f"id={n.removeprefix('.c2boot-secret-')},src={n}" for n in secret_files]),
+            "labels": json.dumps(dict(labels or {})),
         }
         before = external_containers()
         last: list[str] = []
@@ -335,8 +338,25 @@ class Session:
             logger.info("    %s is up to date", tag)
             return tag
         self.ensure_base_image(base_image, mirror)
-        self.build_image(context, context / "Containerfile.rootbuilder", tag, {"BASE": base_image})
+        self.build_tool_image(context, context / "Containerfile.rootbuilder", tag, base_image)
         return tag
+
+    def build_tool_image(self, context: Path, containerfile: Path, tag: str, base_image: str) -> None:
+        """Build one of container2boot's own images (tagged by the hash of what goes into it), then drop the tags
+        an older container2boot or Containerfile made for the same base: nothing else would ever remove them, and
+        each holds a few hundred MB."""
+        self.build_image(context, containerfile, tag, {"BASE": base_image}, labels={BASE_LABEL: base_image})
+        repository = tag.rsplit(":", 1)[0]
+        for image in self.client.images.list(filters={"reference": repository}):
+            if (image.labels or {}).get(BASE_LABEL, base_image) != base_image:
+                continue  # another --base-image's, still current
+            for old in image.tags:
+                if old.rsplit(":", 1)[0] == repository and old != tag:
+                    try:
+                        self.client.images.remove(old)
+                        logger.debug("    removed %s (superseded by %s)", old, tag)
+                    except APIError as e:  # in use by another build's container: it stays
+                        logger.debug("    kept %s: %s", old, _api_reason(e))
 
     def kernel_image(self, config: Config) -> str:
         """The image that supplies the kernel: --kernel-image as given (or pulled), else the bundled one (Debian's
@@ -358,7 +378,7 @@ class Session:
         self.ensure_base_image(config.base_image, config.mirror)
         context = self.scratch / "kernel"
         context.mkdir()
-        self.build_image(context, containerfile, tag, {"BASE": config.base_image})
+        self.build_tool_image(context, containerfile, tag, config.base_image)
         return tag
 
     def image_config(self, reference: str) -> ImageConfig:

@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,6 +106,21 @@ def test_the_least_recently_used_go_first_beyond_the_limit(tmp_path: Path) -> No
     one_entry = small.entries()[0].size
     removed = small.prune(limit=2 * one_entry)
     assert [e.key for e in removed] == ["k1"] and {e.key for e in small.entries()} == {"k0", "k2"}
+
+
+@pytest.mark.parametrize("free_mib, kept", [(150, ["k1", "k0"]), (90, ["k1"]), (60, [])])
+def test_the_cache_leaves_a_tenth_of_its_disk_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  free_mib: int, kept: list[str]) -> None:
+    """Far below --cache-size, on a 1000 MiB disk with `free_mib` free after storing: entries go, newest kept
+    longest, until 100 MiB are free (with 60 MiB free even the new entry goes; the build's outputs are in OUT)."""
+    cache = Cache(tmp_path / "cache", 1024 * MiB)
+    for number in range(2):
+        cache.store(f"k{number}", make_outputs(tmp_path / f"out{number}", b"x" * 20 * MiB), "img", "")
+    assert [e.key for e in cache.entries()] == ["k1", "k0"] and cache.entries()[0].size > 20 * MiB
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(
+        f_frsize=4096, f_blocks=1000 * MiB // 4096, f_bavail=free_mib * MiB // 4096))
+    cache.prune(limit=cache.room())
+    assert [e.key for e in cache.entries()] == kept
 
 
 def test_prune_by_age_and_everything(cache: Cache, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from container2boot import podman
 from container2boot.podman import external_containers
 from tests.conftest import C2BOOT, EXAMPLE_IMAGE, assert_rebuilt_identically, c2boot
 
@@ -230,3 +231,19 @@ def test_errors_from_inside_the_rootbuilder_are_printed_once(example_build: Path
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("c2boot: error: --size 100M is smaller than"), result.stderr
+
+
+def test_a_new_tool_image_removes_the_one_it_supersedes(example_build: Path, tmp_path: Path) -> None:
+    """Each container2boot version builds its own rootbuilder (and kernel image) tag; the old one of the same base
+    goes when the new one is built, another base's stays. Real podman, a one-line image."""
+    repository = "localhost/c2boot-test/tool"
+    (tmp_path / "Containerfile").write_text("FROM docker.io/library/debian:trixie\nLABEL purpose=test\n")
+    try:
+        with podman.session() as session:
+            for tag, base in [("other", "base-b"), ("old", "base-a"), ("new", "base-a")]:
+                session.build_tool_image(tmp_path, tmp_path / "Containerfile", f"{repository}:{tag}", base)
+            tags = {t for image in session.client.images.list(filters={"reference": repository}) for t in image.tags}
+        assert tags == {f"{repository}:other", f"{repository}:new"}
+    finally:
+        subprocess.run(["podman", "rmi", "--ignore", f"{repository}:other", f"{repository}:old",
+                        f"{repository}:new"], capture_output=True, check=False)
