@@ -456,6 +456,26 @@ def serve(
             logger.info("c2boot: stopped serving")
 
 
+@app.command("rootbuilder", cls=CommandWithFlags)
+@with_settings("rootbuilder")
+def rootbuilder(*, config: Config) -> None:
+    """Build the rootbuilder (the toolbox image with this container2boot inside, in which `build` assembles) for
+    CI runners and clusters: --tag names it, --push pushes that name. Prints the name to pull.
+
+    \b
+    c2boot rootbuilder
+    c2boot rootbuilder --tag registry.example.org/c2boot/rootbuilder:VERSION --push
+    """
+    from container2boot import podman
+
+    with podman.session() as session:
+        name = session.rootbuilder_image(config.base_image, config.mirror)
+        if config.publish_tag is not None:
+            name = session.publish(name, config.publish_tag, config.push, not config.no_tls_verify)
+    logger.info("%sthe rootbuilder of container2boot %s", DONE_PREFIX, __version__)
+    print(name)
+
+
 esp_app = typer.Typer(cls=Group, help="Put the ESP tree on a USB stick for bare metal.", no_args_is_help=True)
 app.add_typer(esp_app, name="esp")
 

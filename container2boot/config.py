@@ -31,8 +31,13 @@ DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 HOSTNAME = re.compile(rf"(?=.{{1,64}}$){HOSTNAME_LABEL}(\.{HOSTNAME_LABEL})*")  # systemd takes up to 64
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# An image name as podman tags it: [REGISTRY[:PORT]/]PATH[:TAG] (the distribution reference grammar, digests aside)
+IMAGE_REFERENCE = re.compile(rf"(?:[A-Za-z0-9.-]+(?::\d+)?/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+                             r"(?::\w[\w.-]{0,127})?")
 
-Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt", "cache", "verify"]
+Command = Literal["build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt", "cache", "verify",
+                  "rootbuilder"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,9 @@ class Setting:
 BOTH: frozenset[Command] = frozenset({"build", "assemble"})
 BUILD: frozenset[Command] = frozenset({"build"})
 ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt",
-                                     "cache", "verify"})
+                                     "cache", "verify", "rootbuilder"})
+ROOTBUILDER: frozenset[Command] = frozenset({"rootbuilder"})
+BUILDS_ROOTBUILDER: frozenset[Command] = frozenset({"build", "rootbuilder"})
 MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
 BOOTING: frozenset[Command] = frozenset({"build", "run", "test", "ssh", "libvirt"})  # build boots with --test
 VM: frozenset[Command] = frozenset({"run", "test", "ssh"})
@@ -102,6 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("formats", str, (), "Also convert disk.img to this format with qemu-img (raw, qcow2, vmdk, vdi, vhdx, "
             "vhd: a fixed VHD as Azure wants it); implies --diskimage. Repeatable.", ("--format",), BOTH,
             repeatable=True, metavar="|".join(DISK_FORMATS)),
+    Setting("containerdisk", str, None, "Also make a KubeVirt containerDisk: the image NAME in podman's storage "
+            "holding disk.qcow2 at /disk/ (owned by 107:107), ready for `podman push`; implies --format qcow2.",
+            ("--containerdisk",), BUILD, metavar="NAME"),
     Setting("compress", str, None, "Also write a compressed copy (.zst or .xz) of each disk image, for download; "
             "the uncompressed ones stay for `c2boot run`.", ("--compress",), BOTH, choices=DISK_COMPRESSIONS),
     Setting("test", bool, False, "After building, boot disk.img headless and check that the system comes up, as "
@@ -216,10 +226,10 @@ SETTINGS: tuple[Setting, ...] = (
             "(e.g. id=chpass,src=./creds). Repeatable.", ("--secret",), BUILD, repeatable=True,
             metavar="id=ID,src=PATH", panel="Machine image"),
     Setting("base_image", str, DEFAULT_BASE_IMAGE, "Base image for the bundled Containerfiles. When it is neither "
-            "present nor pullable, it is bootstrapped with mmdebstrap.", ("--base-image",), BUILD, metavar="REF",
-            panel="Machine image"),
+            "present nor pullable, it is bootstrapped with mmdebstrap.", ("--base-image",), BUILDS_ROOTBUILDER,
+            metavar="REF", panel="Machine image"),
     Setting("mirror", str, DEFAULT_MIRROR, "Debian mirror for bootstrapping the base image with mmdebstrap.",
-            ("--mirror",), BUILD, metavar="URL", panel="Machine image"),
+            ("--mirror",), BUILDS_ROOTBUILDER, metavar="URL", panel="Machine image"),
     Setting("no_cache", bool, False, "Make every output again instead of copying those of an identical earlier "
             "build, or its initrd, from the cache (the new ones still replace them there).", ("--no-cache",), BOTH),
     Setting("cache_size", str, "20G", "Largest size of the build cache (in $XDG_CACHE_HOME/container2boot); the "
@@ -231,6 +241,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rebuild_output", Path, None, "With `verify`: keep the rebuilt outputs in this new directory, to compare "
             "them yourself (default: a temporary one beside OUT, removed).", ("--output", "-o"),
             frozenset({"verify"}), metavar="DIR"),
+    Setting("publish_tag", str, None, "Also tag the rootbuilder REF: the name a cluster or CI runner pulls it by "
+            "(e.g. registry.example.org/c2boot/rootbuilder:VERSION).", ("--tag", "-t"), ROOTBUILDER, metavar="REF"),
+    Setting("push", bool, False, "Push --tag to its registry (credentials from podman's auth file, as `podman "
+            "login` writes it).", ("--push",), ROOTBUILDER),
+    Setting("no_tls_verify", bool, False, "Push over plain HTTP or without checking the registry's certificate "
+            "(a registry on this host or a test network only).", ("--no-tls-verify",), ROOTBUILDER),
     Setting("quiet", bool, False, "Print warnings and errors only, no progress.", ("--quiet", "-q"), ALL),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
             ("--verbose", "-v"), ALL),
@@ -270,6 +286,10 @@ class Config:
     prune_all: bool = False
     netboot: bool = False
     formats: tuple[str, ...] = ()
+    containerdisk: str | None = None
+    publish_tag: str | None = None
+    push: bool = False
+    no_tls_verify: bool = False
     compress: str | None = None
     test: bool = False
     firmware: str = "uefi"
@@ -340,6 +360,14 @@ class Config:
             raise C2BootError(f"unknown --format {unknown[0]!r}: use one of {', '.join(DISK_FORMATS)}")
         if self.cloud is not None and self.cloud not in CLOUDS:
             raise C2BootError(f"unknown --cloud {self.cloud!r}: use one of {', '.join(CLOUDS)}")
+        for option, reference in (("--containerdisk", self.containerdisk), ("--tag", self.publish_tag)):
+            if reference is not None and not IMAGE_REFERENCE.fullmatch(reference):
+                raise C2BootError(f"{option} {reference!r} is not an image name: use lower-case [REGISTRY/]PATH[:TAG], "
+                                  "e.g. registry.example.org/vms/web:1")
+        if self.push and self.publish_tag is None:
+            raise C2BootError("--push pushes the --tag name: add --tag REGISTRY/PATH:TAG")
+        if self.containerdisk is not None and "qcow2" not in self.formats:
+            object.__setattr__(self, "formats", (*self.formats, "qcow2"))  # what the image holds
         if self.formats or self.compress or self.test or self.cloud or self.layout == "installed":
             object.__setattr__(self, "diskimage", True)  # they need disk.img (installed: the root partition)
         if self.layout == "installed":
@@ -502,9 +530,10 @@ def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | 
 
 # Settings that change how a run looks or whether it uses the cache, never the bytes it writes.
 NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cache", "cache_size"})
-# Build settings that say which image to boot (the manifest names it) or how to test it, not what is made of it.
+# Build settings that say which image to boot (the manifest names it), how to test it, or what else to make in
+# podman's storage: not what is made in the output directory.
 IMAGE_AND_TEST_SETTINGS = frozenset({"image", "containerfile", "context", "tag", "build_args", "secrets", "pull",
-                                     "test", "firmware", "memory", "cpus", "timeout"})
+                                     "test", "firmware", "memory", "cpus", "timeout", "containerdisk"})
 
 
 def command_line(config: Config, command: Command, skip: Collection[str] = ()) -> list[str]:

@@ -17,6 +17,7 @@ from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, i
 from container2boot.cache import Cache, output_key
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import IMAGE_AND_TEST_SETTINGS, NOT_OUTPUT_SETTINGS, Config, command_line
+from container2boot.containerdisk import make_containerdisk
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd
@@ -438,10 +439,11 @@ def build(config: Config) -> BuildResult:
         if reused:
             logger.info("    the same image was built with the same settings before: its outputs are reused "
                         "(--no-cache makes them again)")
-            record_build(staging, session, config, timer, "reused")
         else:
             key = assemble_in_rootbuilder(session, image, staging, config, timer)
-            record_build(staging, session, config, timer, "built")
+        record_build(staging, session, config, timer, "reused" if reused else "built",
+                     containerdisk_image(session, staging, config, timer))
+        if not reused:
             with timer.stage("store", "Keeping a copy of the outputs in the cache"), \
                     cache_trouble(outputs_cache, storing=True):
                 outputs_cache.store(key, staging, image.reference, " ".join(output_settings(config)))
@@ -515,11 +517,25 @@ def output_keys(session: "Session", config: Config, image: "MachineImage", suppl
     return [output_key({**parts, "kernel": k}, inputs) for k in kernels]
 
 
-def record_build(staging: Path, session: "Session", config: Config, timer: StageTimer, how: str) -> None:
+def containerdisk_image(session: "Session", staging: Path, config: Config,
+                        timer: StageTimer) -> dict[str, Any] | None:
+    """With --containerdisk, the KubeVirt image made from the outputs' disk.qcow2: what the manifest says of it."""
+    if config.containerdisk is None:
+        return None
+    with timer.stage("containerdisk", f"Making the containerDisk image {config.containerdisk}"):
+        return make_containerdisk(session, staging, config.containerdisk)
+
+
+def record_build(staging: Path, session: "Session", config: Config, timer: StageTimer, how: str,
+                 containerdisk: dict[str, Any] | None) -> None:
     """The manifest says how to build the outputs again from the image it names (for `c2boot verify`: the options
-    and the rootbuilder, which the cache key holds too), whether they were built or reused from the cache, and this
-    run's stage times (with the assemble stage's own when it ran)."""
+    and the rootbuilder, which the cache key holds too), whether they were built or reused from the cache, the
+    containerDisk image made from them (this run's only), and this run's stage times (with the assemble stage's own
+    when it ran)."""
     manifest = read_manifest(staging)
+    manifest.pop("containerdisk", None)  # a cached manifest may hold an earlier run's
+    if containerdisk is not None:
+        manifest["containerdisk"] = containerdisk
     rootbuilder = session.image(session.rootbuilder_tag(config.base_image))
     manifest["build"] = {"options": rebuild_options(config),
                          "rootbuilder": rootbuilder.image_id if rootbuilder else None}

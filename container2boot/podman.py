@@ -24,7 +24,7 @@ from typing import Any
 from podman import PodmanClient
 from podman.errors import APIError, ImageNotFound, PodmanError
 
-from container2boot import lifecycle
+from container2boot import __version__, lifecycle
 from container2boot.access import parse_secret
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
@@ -33,12 +33,13 @@ from container2boot.log import DONE_PREFIX, STAGE_PREFIX, StageProgress, StageTi
 from container2boot.plan import ImageConfig
 from container2boot.reproducible import image_created
 from container2boot.rootfs import Report, examine
-from container2boot.run import check_version, require_tool
+from container2boot.run import check_version, require_tool, run
 from container2boot.tree import Tree
 
 ROOTBUILDER_REPO = "localhost/container2boot/rootbuilder"
 KERNEL_REPO = "localhost/container2boot/kernel"
 BASE_LABEL = "io.container2boot.base"  # on the rootbuilder and kernel images: the base they were built FROM
+VERSION_LABEL = "io.container2boot.version"  # and the container2boot that built them
 KERNEL_ROOT = "/kernel"  # where the assemble container sees the kernel image
 INPUTS = "/run/c2boot-inputs"  # where it sees the files the settings name (keys, user-data, the password)
 EXAMPLE_MACHINE_TAG = "localhost/container2boot/machine:latest"
@@ -120,6 +121,13 @@ def build_inputs(config: Config) -> tuple[Path, Path]:
         raise C2BootError(f"build context {context} is not a directory: pass the directory that the Containerfile's "
                           "COPY and ADD read from")
     return config.containerfile, context
+
+
+def split_reference(reference: str) -> tuple[str, str]:
+    """'host:5000/path/name:tag' -> ('host:5000/path/name', 'tag'); the tag is latest when none is given."""
+    head, _, last = reference.rpartition("/")
+    name, _, tag = last.partition(":")
+    return (f"{head}/{name}" if head else name), tag or "latest"
 
 
 def debian_suite(reference: str) -> str | None:
@@ -274,9 +282,10 @@ class Session:
 
     def build_image(self, context: Path, containerfile: Path, tag: str, buildargs: Mapping[str, str],
                     secrets: Sequence[str] = (), pull: str = "missing",
-                    labels: Mapping[str, str] | None = None) -> None:
+                    labels: Mapping[str, str] | None = None, timestamp: int | None = None) -> None:
         """podman build through the API, printing each STEP as it starts; a failure names the failing step. `pull`
-        is podman build's --pull policy for its FROM images."""
+        is podman build's --pull policy for its FROM images; `timestamp` dates the image and its files (the same
+        content then gives the same image id)."""
         tar_path = self.scratch / f"context-{secrets_token()}.tar"
         secret_files = {f".c2boot-secret-{i}": src for i, src in map(parse_secret, secrets)}
         name = context_tar(context, containerfile, tar_path, secret_files)
@@ -286,6 +295,7 @@ class Session:
             "buildargs": json.dumps(dict(buildargs)),
             "secrets": json.dumps([f"id={n.removeprefix('.c2boot-secret-')},src={n}" for n in secret_files]),
             "labels": json.dumps(dict(labels or {})),
+            **({} if timestamp is None else {"timestamp": timestamp}),
         }
         before = external_containers()
         last: list[str] = []
@@ -341,11 +351,28 @@ class Session:
         self.build_tool_image(context, context / "Containerfile.rootbuilder", tag, base_image)
         return tag
 
+    def publish(self, image: str, reference: str, push: bool, tls_verify: bool) -> str:
+        """Tag `image` as `reference` and, with `push`, push it (podman's auth file gives the credentials). Returns
+        the name to pull: REFERENCE, or REFERENCE@DIGEST once pushed."""
+        repository, tag = split_reference(reference)
+        self.client.images.get(image).tag(repository, tag)
+        if not push:
+            return reference
+        digest_file = self.scratch / "pushed-digest"
+        try:
+            run(["podman", "push", f"--tls-verify={str(tls_verify).lower()}", "--digestfile", digest_file, reference],
+                name="podman push")
+        except C2BootError as e:
+            raise C2BootError(f"{e} (log in with `podman login {repository.split('/')[0]}`; a registry without "
+                              "TLS needs --no-tls-verify)") from None
+        return f"{repository}@{digest_file.read_text().strip()}"
+
     def build_tool_image(self, context: Path, containerfile: Path, tag: str, base_image: str) -> None:
         """Build one of container2boot's own images (tagged by the hash of what goes into it), then drop the tags
         an older container2boot or Containerfile made for the same base: nothing else would ever remove them, and
         each holds a few hundred MB."""
-        self.build_image(context, containerfile, tag, {"BASE": base_image}, labels={BASE_LABEL: base_image})
+        self.build_image(context, containerfile, tag, {"BASE": base_image},
+                         labels={BASE_LABEL: base_image, VERSION_LABEL: __version__})
         repository = tag.rsplit(":", 1)[0]
         for image in self.client.images.list(filters={"reference": repository}):
             if (image.labels or {}).get(BASE_LABEL, base_image) != base_image:

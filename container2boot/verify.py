@@ -15,7 +15,8 @@ from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, read_manifest, sha256
 
 REBUILD_PREFIX = ".c2boot-verify-"
-UNCOMPARED = ("timings_seconds", "cache")  # how long a build took and what it took from the cache
+# How long a build took, what it took from the cache, and the image it also made in podman's storage
+UNCOMPARED = ("timings_seconds", "cache", "containerdisk")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ tool is a failure, so CI can't pass without booting anything."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +91,43 @@ def example_build(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     result = c2boot("build", "--diskimage", "--output", out)
     assert "demo user's password is" in result.stderr
     yield out
+
+
+@pytest.fixture(scope="session")
+def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 (a free port, plain HTTP), its storage in a temporary directory,
+    stopped afterwards: 'HOST:PORT'."""
+    require_host_tools("docker-registry")
+    root = tmp_path_factory.mktemp("registry")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (root / "config.yml").write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+                                     f"http:\n  addr: 127.0.0.1:{port}\n")
+    with (root / "registry.log").open("w") as log:
+        server = subprocess.Popen(["docker-registry", "serve", root / "config.yml"], stdout=log,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, \
+                    f"docker-registry did not start: {(root / 'registry.log').read_text()[-500:]}"
+                time.sleep(0.3)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def registry_digest(registry: str, repository: str, tag: str) -> str:
+    """The digest the registry serves for REPOSITORY:TAG (its Docker-Content-Digest), as a pull by tag gets it."""
+    accept = ", ".join(["application/vnd.oci.image.manifest.v1+json",
+                        "application/vnd.docker.distribution.manifest.v2+json"])
+    request = urllib.request.Request(f"http://{registry}/v2/{repository}/manifests/{tag}", method="HEAD",
+                                     headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(response.headers["Docker-Content-Digest"])

@@ -5,14 +5,16 @@ import hashlib
 import json
 import re
 import subprocess
+import tarfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
 
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot, require_host_tools
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot, registry_digest, require_host_tools
 
 pytestmark = pytest.mark.slow
 
@@ -31,14 +33,40 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+CONTAINERDISK = "localhost/c2boot-test/containerdisk:latest"
+
+
 @pytest.fixture(scope="module")
-def netboot_build(example_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One build with everything this issue adds to `build`: --netboot, two formats, compressed copies, --test."""
+def netboot_build(example_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One build with everything `build` adds to the disk: --netboot, two formats, compressed copies, --test, and a
+    KubeVirt containerDisk image (removed afterwards)."""
     out = tmp_path_factory.mktemp("netboot") / "out"
-    result = c2boot("build", "--image", EXAMPLE_IMAGE, "--netboot", "--format", "qcow2", "--format", "vhd",
-                    "--compress", "zst", "--test", "-o", out)
+    result = c2boot("build", "--image", EXAMPLE_IMAGE, "--netboot", "--format", "vhd", "--containerdisk",
+                    CONTAINERDISK, "--compress", "zst", "--test", "-o", out)
     assert "UP: the system reached graphical.target and is running, with no failed units" in result.stdout
-    return out
+    yield out
+    subprocess.run(["podman", "rmi", "--ignore", CONTAINERDISK], capture_output=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def containerdisk_qcow2(netboot_build: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, tarfile.TarInfo]:
+    """The disk as KubeVirt finds it: /disk/disk.qcow2 of the containerDisk image (podman export of a container
+    created from it, never run), with its tar header (owner, mode)."""
+    dest = tmp_path_factory.mktemp("containerdisk")
+    container = subprocess.run(["podman", "create", CONTAINERDISK, "none"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    try:
+        export = subprocess.Popen(["podman", "export", container], stdout=subprocess.PIPE)
+        assert export.stdout is not None
+        with tarfile.open(fileobj=export.stdout, mode="r|") as tar:
+            for member in tar:
+                if member.name.lstrip("./") == "disk/disk.qcow2":
+                    (dest / "disk.qcow2").write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+                    header = member
+        assert export.wait() == 0
+    finally:
+        subprocess.run(["podman", "rm", container], capture_output=True, check=False)
+    return dest / "disk.qcow2", header
 
 
 def test_c2boot_test_passes_on_the_example_under_uefi_and_leaves_the_image_alone(example_build: Path) -> None:
@@ -71,19 +99,46 @@ def test_formats_and_checksums(netboot_build: Path) -> None:
     subprocess.run(["zstd", "--test", "--quiet", netboot_build / "disk.qcow2.zst"], check=True)
     manifest = json.loads((netboot_build / "manifest.json").read_text())
     assert manifest["disk_images"] == [
-        {"format": "raw", "path": "disk.img"}, {"format": "qcow2", "path": "disk.qcow2"},
-        {"format": "vhd", "path": "disk.vhd"},
+        {"format": "raw", "path": "disk.img"}, {"format": "vhd", "path": "disk.vhd"},
+        {"format": "qcow2", "path": "disk.qcow2"},  # the one --containerdisk implies
         {"format": "raw", "compression": "zst", "path": "disk.img.zst"},
-        {"format": "qcow2", "compression": "zst", "path": "disk.qcow2.zst"},
         {"format": "vhd", "compression": "zst", "path": "disk.vhd.zst"},
+        {"format": "qcow2", "compression": "zst", "path": "disk.qcow2.zst"},
     ]
     listed = {a["path"] for a in manifest["artifacts"]}
     assert {"SHA256SUMS", "disk.qcow2", "disk.vhd.zst", "esp/container2boot/squashfs.img"} <= listed
     assert manifest["boot"]["netboot"] is True
 
 
-def test_the_qcow2_disk_boots_with_secure_boot(netboot_build: Path) -> None:
-    report = boot_report(c2boot("test", netboot_build / "disk.qcow2", "--firmware", "secure-boot", "--json"))
+def test_the_containerdisk_image_holds_the_qcow2_as_kubevirt_wants_it(
+        netboot_build: Path, containerdisk_qcow2: tuple[Path, tarfile.TarInfo]) -> None:
+    disk, header = containerdisk_qcow2
+    assert (header.uid, header.gid, header.mode & 0o777) == (107, 107, 0o440)
+    assert digest(disk) == digest(netboot_build / "disk.qcow2")
+    manifest = json.loads((netboot_build / "manifest.json").read_text())
+    image_id = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", CONTAINERDISK],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert manifest["containerdisk"] == {"image": CONTAINERDISK, "id": image_id, "disk": "/disk/disk.qcow2"}
+
+
+def test_the_containerdisk_image_pushes_to_a_registry(netboot_build: Path, local_registry: str) -> None:
+    """`podman push`, as the README tells users, to a real registry; pulled back by digest, it is the same image."""
+    target = f"{local_registry}/vms/example:1"
+    subprocess.run(["podman", "push", "--quiet", "--tls-verify=false", CONTAINERDISK, target], check=True,
+                   capture_output=True)
+    pulled = f"{local_registry}/vms/example@{registry_digest(local_registry, 'vms/example', '1')}"
+    try:
+        subprocess.run(["podman", "pull", "--quiet", "--tls-verify=false", pulled], check=True, capture_output=True)
+        image_id = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", pulled], capture_output=True,
+                                  text=True, check=True).stdout.strip()
+        assert image_id == json.loads((netboot_build / "manifest.json").read_text())["containerdisk"]["id"]
+    finally:
+        subprocess.run(["podman", "rmi", "--ignore", pulled], capture_output=True, check=False)
+
+
+def test_the_containerdisk_qcow2_boots_with_secure_boot(containerdisk_qcow2: tuple[Path, tarfile.TarInfo]) -> None:
+    """The qcow2 taken out of the containerDisk image, booted (the same bytes as OUT/disk.qcow2, checked above)."""
+    report = boot_report(c2boot("test", containerdisk_qcow2[0], "--firmware", "secure-boot", "--json"))
     assert report["ok"] and report["firmware"] == "secure-boot" and report["image"].endswith("disk.qcow2")
 
 

@@ -11,8 +11,10 @@ from container2boot.config import Config, command_line, load_config_file, make_c
 from container2boot.disk import MIN_ESP, MiB, esp_size, tree_bytes
 from container2boot.errors import C2BootError
 from container2boot.output import _umask, check_output, staged_output
-from container2boot.podman import check_subordinate_ids, context_tar, debian_suite, parse_secret
+from container2boot.pipeline import output_settings, rebuild_options
+from container2boot.podman import check_subordinate_ids, context_tar, debian_suite, parse_secret, split_reference
 from container2boot.run import check_version, failure_message, parse_version, require_tool, run
+from container2boot.templates import render
 
 # Sizing --------------------------------------------------------------------------------------------------------
 
@@ -227,3 +229,33 @@ def test_shell_completion_completes_commands_and_options() -> None:
         return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
     assert "build" in complete("c2boot bui")
     assert complete("c2boot build --diskim") == ["--diskimage"]
+
+
+# KubeVirt containerDisk ---------------------------------------------------------------------------------------------
+
+
+def test_containerdisk_implies_the_qcow2_it_holds_and_names_are_checked() -> None:
+    config = Config(containerdisk="registry.example.org:5000/vms/web:1")
+    assert config.formats == ("qcow2",) and config.diskimage
+    assert Config(containerdisk="web", formats=("vhd", "qcow2")).formats == ("vhd", "qcow2")
+    # The outputs are those of --format qcow2: the same cache entry and the same recorded rebuild, which makes no image
+    assert output_settings(config) == output_settings(Config(formats=("qcow2",)))
+    assert "--containerdisk" not in rebuild_options(config)
+    for bad in ("Web", "web:", "a//b", "web:1 2", ""):
+        with pytest.raises(C2BootError, match=r"is not an image name: use lower-case \[REGISTRY/\]PATH\[:TAG\]"):
+            Config(containerdisk=bad)
+
+
+def test_the_containerdisk_containerfile_puts_the_disk_where_kubevirt_looks() -> None:
+    text = render("Containerfile.containerdisk.j2", disk="disk.qcow2")
+    assert "FROM scratch\nCOPY --chown=107:107 --chmod=0440 disk.qcow2 /disk/disk.qcow2\n" in text
+
+
+def test_publishing_the_rootbuilder_needs_a_name_to_push() -> None:
+    assert split_reference("127.0.0.1:5000/c2boot/rootbuilder:1.0") == ("127.0.0.1:5000/c2boot/rootbuilder", "1.0")
+    assert split_reference("registry.example.org:5000/rootbuilder") == ("registry.example.org:5000/rootbuilder",
+                                                                         "latest")
+    with pytest.raises(C2BootError, match=r"--push pushes the --tag name: add --tag REGISTRY/PATH:TAG"):
+        Config(push=True)
+    with pytest.raises(C2BootError, match=r"--tag 'Rootbuilder' is not an image name"):
+        Config(publish_tag="Rootbuilder")
