@@ -13,7 +13,7 @@ import pytest
 
 from container2boot import podman
 from container2boot.podman import external_containers
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, assert_rebuilt_identically, c2boot
+from tests.conftest import C2BOOT, EXAMPLE_IMAGE, assert_rebuilt_identically, c2boot, derived_image
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +176,27 @@ def test_a_second_build_into_the_same_output_fails_at_once(example_build: Path, 
     assert (out / "esp/container2boot/squashfs.img").is_file() and not (out / "esp/syslinux").exists()
     assert_rebuilt_identically(example_build, out)
 
+
+
+def test_three_concurrent_builds_of_two_images_all_succeed(example_build: Path, tmp_path: Path,
+                                                           before: Leftovers) -> None:
+    """As on a shared CI runner: the same user builds at once the example from the cache (reading it while the others
+    store), the example again with other settings, and another image; all share the rootbuilder and the cache, each
+    gets its own complete outputs (checked against their SHA256SUMS), and nothing is left behind."""
+    with derived_image("localhost/c2boot-test/concurrent:1", "echo concurrent > /etc/c2boot-concurrent") as other:
+        builds = {
+            "cached": start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "-o", tmp_path / "cached"),
+            "bios": start("build", "--image", EXAMPLE_IMAGE, "--bios", "--no-cache", "-o", tmp_path / "bios"),
+            "other": start("build", "--image", other, "--diskimage", "--root-format", "erofs", "-o",
+                           tmp_path / "other"),
+        }
+        for name, process in builds.items():
+            _, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, f"{name}: {stderr}"
+            subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=tmp_path / name, check=True)
+    assert_rebuilt_identically(example_build, tmp_path / "cached")
+    assert (tmp_path / "bios/esp/syslinux").is_dir() and (tmp_path / "other/esp/container2boot/erofs.img").is_file()
+    before.assert_none_new()
 
 
 # A full disk ---------------------------------------------------------------------------------------------------
