@@ -4,12 +4,11 @@ to the registry a cluster pulls from. Dated by the build's source date: the same
 
 import os
 import shutil
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from container2boot.log import logger
-from container2boot.manifest import read_manifest
+from container2boot.manifest import read_manifest, source_epoch
 from container2boot.templates import render_to
 
 if TYPE_CHECKING:
@@ -21,7 +20,7 @@ CONTAINERFILE = "Containerfile.containerdisk"
 
 def make_containerdisk(session: "Session", outputs: Path, name: str) -> dict[str, Any]:
     """Build the image `name` from outputs/disk.qcow2; returns what the manifest records of it."""
-    created = int(datetime.fromisoformat(str(read_manifest(outputs)["created"])).timestamp())
+    created = source_epoch(read_manifest(outputs))
     context = session.scratch / "containerdisk"
     context.mkdir()
     try:

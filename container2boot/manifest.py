@@ -75,3 +75,9 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(out: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((out / "manifest.json").read_text())
     return data
+
+
+def source_epoch(manifest: dict[str, Any]) -> int:
+    """The source date the outputs were made with, as seconds: the manifest's `created`. ValueError when absent or
+    malformed."""
+    return int(datetime.fromisoformat(str(manifest.get("created"))).timestamp())

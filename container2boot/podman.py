@@ -373,12 +373,12 @@ class Session:
         each holds a few hundred MB."""
         self.build_image(context, containerfile, tag, {"BASE": base_image},
                          labels={BASE_LABEL: base_image, VERSION_LABEL: __version__})
-        repository = tag.rsplit(":", 1)[0]
+        repository = split_reference(tag)[0]
         for image in self.client.images.list(filters={"reference": repository}):
             if (image.labels or {}).get(BASE_LABEL, base_image) != base_image:
                 continue  # another --base-image's, still current
             for old in image.tags:
-                if old.rsplit(":", 1)[0] == repository and old != tag:
+                if split_reference(old)[0] == repository and old != tag:
                     try:
                         self.client.images.remove(old)
                         logger.debug("    removed %s (superseded by %s)", old, tag)

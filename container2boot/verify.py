@@ -3,7 +3,6 @@ compare every file. Reproducible outputs make this the check anyone can run on a
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from container2boot.config import Config, make_config, settings_from_command_lin
 from container2boot.errors import C2BootError
 from container2boot.formats import CHECKSUMS
 from container2boot.log import StageTimer, logger
-from container2boot.manifest import artifacts, read_manifest, sha256
+from container2boot.manifest import artifacts, read_manifest, sha256, source_epoch
 
 REBUILD_PREFIX = ".c2boot-verify-"
 # How long a build took, what it took from the cache, and the image it also made in podman's storage
@@ -75,7 +74,7 @@ def recorded_build(out: Path) -> Recorded:
                           f"not record it): build it again the same way and compare with `sha256sum -c "
                           f"{out}/{CHECKSUMS}`")
     try:
-        epoch = int(datetime.fromisoformat(str(manifest.get("created"))).timestamp())
+        epoch = source_epoch(manifest)
         values = settings_from_command_line(options, "build")
     except (ValueError, C2BootError) as e:
         raise C2BootError(f"{where} cannot be rebuilt from: {e}") from None
