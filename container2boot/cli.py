@@ -242,8 +242,9 @@ def verify(
 @app.command(cls=CommandWithFlags)
 @with_settings("assemble")
 def assemble(
-    rootfs: Path = typer.Argument(..., help="The machine's root filesystem: a directory or a tar "
-                                  "(e.g. from `podman export`).", show_default=False),
+    rootfs: str = typer.Argument(..., help="The machine's root filesystem: a directory, a tar (e.g. from `podman "
+                                 "export`), or an image: docker://REGISTRY/NAME:TAG, oci:DIR[:REF], "
+                                 "oci-archive:FILE[:REF].", show_default=False, metavar="ROOTFS"),
     *,
     config: Config,
 ) -> None:
@@ -251,6 +252,7 @@ def assemble(
 
     \b
     c2boot assemble ./rootfs.tar -o out --diskimage
+    c2boot assemble docker://registry.example.org/vms/web:1 -o out --diskimage   # a pod or CI job, no podman
     podman run --rm --mount=type=image,source=IMG,target=/rootfs -v ./out:/out:rw,Z ROOTBUILDER --diskimage
     """
     from container2boot.pipeline import assemble as run_assemble

@@ -66,6 +66,8 @@ BUILD: frozenset[Command] = frozenset({"build"})
 ALL: frozenset[Command] = frozenset({"build", "assemble", "inspect", "run", "test", "serve", "sync", "ssh", "libvirt",
                                      "cache", "verify", "rootbuilder"})
 ROOTBUILDER: frozenset[Command] = frozenset({"rootbuilder"})
+ASSEMBLE: frozenset[Command] = frozenset({"assemble"})
+REGISTRY: frozenset[Command] = frozenset({"rootbuilder", "assemble"})  # they talk to a registry themselves
 BUILDS_ROOTBUILDER: frozenset[Command] = frozenset({"build", "rootbuilder"})
 MAKING: frozenset[Command] = frozenset({"build", "assemble", "inspect"})
 BOOTING: frozenset[Command] = frozenset({"build", "run", "test", "ssh", "libvirt"})  # build boots with --test
@@ -245,8 +247,11 @@ SETTINGS: tuple[Setting, ...] = (
             "(e.g. registry.example.org/c2boot/rootbuilder:VERSION).", ("--tag", "-t"), ROOTBUILDER, metavar="REF"),
     Setting("push", bool, False, "Push --tag to its registry (credentials from podman's auth file, as `podman "
             "login` writes it).", ("--push",), ROOTBUILDER),
-    Setting("no_tls_verify", bool, False, "Push over plain HTTP or without checking the registry's certificate "
-            "(a registry on this host or a test network only).", ("--no-tls-verify",), ROOTBUILDER),
+    Setting("no_tls_verify", bool, False, "Talk to the registry over plain HTTP or without checking its "
+            "certificate (a registry on this host or a test network only).", ("--no-tls-verify",), REGISTRY),
+    Setting("authfile", Path, None, "Credentials for a docker:// ROOTFS: the auth file `podman login` or `docker "
+            "login` writes, e.g. a mounted dockerconfigjson secret (default: $REGISTRY_AUTH_FILE, then skopeo's usual "
+            "places).", ("--authfile",), ASSEMBLE, metavar="FILE"),
     Setting("quiet", bool, False, "Print warnings and errors only, no progress.", ("--quiet", "-q"), ALL),
     Setting("verbose", bool, False, "Show the command lines of the tools container2boot runs.",
             ("--verbose", "-v"), ALL),
@@ -290,6 +295,7 @@ class Config:
     publish_tag: str | None = None
     push: bool = False
     no_tls_verify: bool = False
+    authfile: Path | None = None
     compress: str | None = None
     test: bool = False
     firmware: str = "uefi"
@@ -529,7 +535,8 @@ def make_config(cli_values: Mapping[str, Any], file_values: Mapping[str, Any] | 
 
 
 # Settings that change how a run looks or whether it uses the cache, never the bytes it writes.
-NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cache", "cache_size"})
+NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cache", "cache_size", "no_tls_verify",
+                                 "authfile"})
 # Build settings that say which image to boot (the manifest names it), how to test it, or what else to make in
 # podman's storage: not what is made in the output directory.
 IMAGE_AND_TEST_SETTINGS = frozenset({"image", "containerfile", "context", "tag", "build_args", "secrets", "pull",

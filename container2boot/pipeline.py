@@ -23,10 +23,12 @@ from container2boot.errors import C2BootError
 from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd
 from container2boot.initrdcache import InitrdCache
 from container2boot.initrdcache import recipe as initrd_recipe
+from container2boot.layers import write_root_tar
 from container2boot.log import StageTimer, logger
 from container2boot.manifest import artifacts, build_manifest, read_manifest, sha256, write_manifest
 from container2boot.output import MANIFEST, WORK_PREFIX, check_space, space_explained, staged_output
 from container2boot.plan import ImageConfig, Plan, decide
+from container2boot.registry import fetch_image, is_image_reference
 from container2boot.reproducible import Reproducible
 from container2boot.rootfs import Report, examine, examine_directory, kernel_config
 from container2boot.run import run
@@ -386,12 +388,31 @@ def root_description(config: Config, root_partition: rootpartition.RootPartition
     return f"{root_partition.fstype} partition PARTUUID={root_partition.partuuid}, read-write"
 
 
-def assemble(rootfs: Path, config: Config) -> BuildResult:
-    """Make the outputs from a rootfs directory or tar, with the tools on this host (or in the rootbuilder)."""
+def assemble(rootfs: str | Path, config: Config) -> BuildResult:
+    """Make the outputs from a rootfs directory or tar, or an image a transport names (docker://, oci:,
+    oci-archive:), with the tools on this host (or in the rootbuilder)."""
     timer = StageTimer()
     with staged_output(config.output, config.force) as staging:
-        assemble_into(rootfs, staging, config, timer)
+        if isinstance(rootfs, str) and is_image_reference(rootfs):
+            assemble_fetched(rootfs, staging, config, timer)
+        else:
+            assemble_into(Path(rootfs), staging, config, timer)
     return _result(config.output)
+
+
+def assemble_fetched(reference: str, staging: Path, config: Config, timer: StageTimer) -> None:
+    """Fetch the image, make its root one tar (the layers go once it is made) and assemble that, with the image's
+    digest, creation date and run configuration in place of what `c2boot build` would pass from podman."""
+    with lifecycle.temporary_directory(WORK_PREFIX, staging.parent) as download:
+        with timer.stage("fetch", f"Fetching {reference}"), space_explained(staging, None):
+            image = fetch_image(reference, download / "image", not config.no_tls_verify, config.authfile)
+        with timer.stage("layers", f"Merging the {len(image.layers)} layers of {reference}"), \
+                space_explained(staging, None):
+            tar = write_root_tar(image.layers, download / "rootfs.tar")
+            shutil.rmtree(download / "image")
+        logger.info("    %s is %s", reference, image.digest)
+        assemble_into(tar, staging, config.replace(source=image.source(config.source),
+                                                   image_config=image.image_config.as_json()), timer)
 
 
 def inspect_image(source: str) -> tuple[Report, ImageConfig]:

@@ -45,6 +45,7 @@ PACKAGES: Mapping[str, str] = {
     "openssl": "openssl",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "skopeo": "skopeo",
     "virsh": "libvirt-clients (Debian) / libvirt-client (Fedora)",
 }
 

@@ -1,0 +1,143 @@
+"""The layers of an image made one root tar: the OCI rules (replacement, whiteouts, opaque directories), hardlinks
+(also to a file a later layer removed), and owners, modes and xattrs, read back from the tar written; what the
+registry module makes of an image's reference and configuration."""
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from container2boot.errors import C2BootError
+from container2boot.layers import write_root_tar
+from container2boot.registry import FetchedImage, fetch_image, image_config, is_image_reference
+
+Member = tuple[str, str, bytes | str]  # name, kind (file, dir, link, symlink), contents or link target
+
+
+def layer(path: Path, members: list[Member], compress: bool = False, **extra: object) -> Path:
+    """A layer tar as a registry holds it (`extra`: header fields for every file member, e.g. uid)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, value in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if kind == "dir":
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            elif kind in ("link", "symlink"):
+                info.type = tarfile.LNKTYPE if kind == "link" else tarfile.SYMTYPE
+                info.linkname = str(value)
+                tar.addfile(info)
+            else:
+                data = value if isinstance(value, bytes) else value.encode()
+                info.size, info.mode = len(data), 0o644
+                for key, setting in extra.items():
+                    if key == "xattrs":
+                        info.pax_headers = dict(setting)  # type: ignore[call-overload]
+                    else:
+                        setattr(info, key, setting)
+                tar.addfile(info, io.BytesIO(data))
+    raw = buffer.getvalue()
+    path.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
+    return path
+
+
+def merged(tmp_path: Path, *layers: Path) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
+    out = write_root_tar(layers, tmp_path / "root.tar")
+    with tarfile.open(out) as tar:
+        return {m.name: (m, tar.extractfile(m).read() if m.isreg() else None)  # type: ignore[union-attr]
+                for m in tar.getmembers()}
+
+
+def test_later_layers_replace_and_whiteouts_remove(tmp_path: Path) -> None:
+    base = layer(tmp_path / "1", [("./", "dir", ""), ("./etc/", "dir", ""), ("./etc/hostname", "file", "old"),
+                                  ("./etc/gone", "file", "x"), ("./var/", "dir", ""), ("./var/cache/", "dir", ""),
+                                  ("./var/cache/a", "file", "a"), ("./var/cache/sub/", "dir", ""),
+                                  ("./var/cache/sub/b", "file", "b")], compress=True)
+    top = layer(tmp_path / "2", [("etc/", "dir", ""), ("etc/hostname", "file", "new"), ("etc/.wh.gone", "file", ""),
+                                 ("var/.wh.cache", "file", ""), ("usr/bin/tool", "file", "implied parents")])
+    root = merged(tmp_path, base, top)
+    assert root["etc/hostname"][1] == b"new"
+    assert "etc/gone" not in root and not any(name.startswith("var/cache") for name in root)
+    assert not any(".wh." in name for name in root) and "." not in root and "" not in root
+    assert root["usr/bin/tool"][1] == b"implied parents" and list(root).count("etc") == 1
+
+
+def test_an_opaque_directory_hides_only_lower_layers(tmp_path: Path) -> None:
+    base = layer(tmp_path / "1", [("opt/", "dir", ""), ("opt/old", "file", "o"), ("opt/deep/", "dir", ""),
+                                  ("opt/deep/older", "file", "o")])
+    top = layer(tmp_path / "2", [("opt/", "dir", ""), ("opt/new", "file", "n"), ("opt/deep/", "dir", ""),
+                                 ("opt/.wh..wh..opq", "file", "")])
+    root = merged(tmp_path, base, top)
+    assert {name for name in root if name.startswith("opt/")} == {"opt/new", "opt/deep"}
+
+
+def test_a_directory_over_a_file_and_a_file_over_a_directory(tmp_path: Path) -> None:
+    base = layer(tmp_path / "1", [("a", "file", "file"), ("b/", "dir", ""), ("b/inside", "file", "x")])
+    top = layer(tmp_path / "2", [("a/", "dir", ""), ("a/child", "file", "c"), ("b", "file", "now a file")])
+    root = merged(tmp_path, base, top)
+    assert root["a"][0].isdir() and root["a/child"][1] == b"c"
+    assert root["b"][1] == b"now a file" and "b/inside" not in root
+
+
+def test_owners_modes_and_xattrs_are_kept(tmp_path: Path) -> None:
+    xattrs = {"SCHILY.xattr.security.capability": "\x01\x00\x00\x02 \x00\x00\x00"}
+    base = layer(tmp_path / "1", [("usr/bin/ping", "file", "elf")], uid=0, gid=0, mode=0o4755, uname="root",
+                 xattrs=xattrs)
+    shadow = layer(tmp_path / "2", [("etc/shadow", "file", "root:*:")], uid=0, gid=42, mode=0o640)
+    root = merged(tmp_path, base, shadow)
+    ping, _ = root["usr/bin/ping"]
+    assert ping.mode == 0o4755 and ping.uname == "root"
+    assert ping.pax_headers["SCHILY.xattr.security.capability"] == xattrs["SCHILY.xattr.security.capability"]
+    assert (root["etc/shadow"][0].gid, root["etc/shadow"][0].mode) == (42, 0o640)
+
+
+def test_hardlinks_stay_hardlinks(tmp_path: Path) -> None:
+    base = layer(tmp_path / "1", [("usr/bin/perl5", "file", "perl"), ("usr/bin/perl", "link", "usr/bin/perl5")])
+    root = merged(tmp_path, base)
+    assert root["usr/bin/perl"][0].islnk() and root["usr/bin/perl"][0].linkname == "usr/bin/perl5"
+    assert root["usr/bin/perl5"][1] == b"perl"
+
+
+def test_a_hardlink_to_a_removed_file_keeps_its_contents(tmp_path: Path) -> None:
+    """Unpacking in order leaves the links with the old inode: the first link gets the contents, the rest link to
+    it; a replaced target's new contents are its own."""
+    base = layer(tmp_path / "1", [("lib/real", "file", "shared"), ("lib/one", "link", "lib/real"),
+                                  ("lib/two", "link", "./lib/real"), ("lib/moved", "file", "old"),
+                                  ("lib/keeps", "link", "lib/moved")])
+    top = layer(tmp_path / "2", [("lib/.wh.real", "file", ""), ("lib/moved", "file", "replaced")])
+    root = merged(tmp_path, base, top)
+    assert "lib/real" not in root
+    assert root["lib/one"][0].isreg() and root["lib/one"][1] == b"shared"
+    assert root["lib/two"][0].islnk() and root["lib/two"][0].linkname == "lib/one"
+    assert root["lib/keeps"][1] == b"old" and root["lib/moved"][1] == b"replaced"
+
+
+def test_a_hardlink_to_nothing_and_a_broken_layer_are_clear_errors(tmp_path: Path) -> None:
+    dangling = layer(tmp_path / "1", [("a", "link", "missing")])
+    with pytest.raises(C2BootError, match="hardlink a to missing"):
+        write_root_tar((dangling,), tmp_path / "root.tar")
+    (tmp_path / "2").write_bytes(gzip.compress(b"not a tar at all" * 100))
+    with pytest.raises(C2BootError, match="not a readable tar"):
+        write_root_tar((tmp_path / "2",), tmp_path / "root.tar")
+    assert not (tmp_path / "root.tar").exists()
+
+
+def test_an_image_reference_is_told_from_a_path_and_its_config_read() -> None:
+    assert is_image_reference("docker://registry.example.org/vms/web:1") and is_image_reference("oci-archive:a.tar")
+    assert not is_image_reference("./rootfs.tar") and not is_image_reference("/rootfs")
+    config = image_config({"architecture": "amd64", "config": {"Entrypoint": ["/srv/app"], "Env": ["A=1"],
+                                                               "User": "www", "WorkingDir": "/srv"}})
+    assert (config.entrypoint, config.env, config.user, config.working_dir, config.architecture) == \
+        (("/srv/app",), ("A=1",), "www", "/srv", "amd64")
+    image = FetchedImage("docker://r/x:1", "sha256:" + "a" * 64, "sha256:" + "b" * 64, 1_700_000_000, config, ())
+    assert image.source({}) == {"image": "docker://r/x:1", "digest": "sha256:" + "a" * 64, "id": "b" * 64,
+                                "source_date_epoch": "1700000000"}
+    assert image.source({"source_date_epoch": "5"})["source_date_epoch"] == "5"
+
+
+def test_a_missing_auth_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(C2BootError, match=r"--authfile .* is not a file"):
+        fetch_image("docker://r/x:1", tmp_path / "image", True, tmp_path / "auth.json")
