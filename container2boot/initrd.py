@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.run import run
 from container2boot.tree import Tree
@@ -63,6 +64,11 @@ fi
 cp "$scratch/root/tmp/initrd.img" "$dest"
 chmod 0644 "$dest"
 """
+
+
+# What the sandbox's own steps say when the container's seccomp profile or capabilities refuse them.
+SANDBOX_REFUSED = re.compile(
+    r"\b(unshare|chroot|mount): .*(operation not permitted|permission denied|must be superuser)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -126,11 +132,20 @@ def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, st
     dracut = dracut_command(job)
     if listing is not None:
         dracut.insert(1, "--keep")  # its staging tree stays (in the sandbox's tmpfs) to be listed
-    run([
-        "unshare", "--user", "--map-root-user", "--mount", "--",
-        "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(), dest.absolute(),
-        job.kernel_modules.absolute() if job.kernel_modules else "", listing.absolute() if listing else "", *dracut,
-    ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")
+    try:
+        run([
+            "unshare", "--user", "--map-root-user", "--mount", "--",
+            "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(),
+            dest.absolute(), job.kernel_modules.absolute() if job.kernel_modules else "",
+            listing.absolute() if listing else "", *dracut,
+        ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")
+    except C2BootError as e:
+        if SANDBOX_REFUSED.search(str(e)):
+            raise C2BootError(f"{e}: this container may not make the user namespace dracut runs in, or mount or "
+                              "chroot there; give it CAP_SYS_CHROOT, or a seccomp profile (and an AppArmor profile) "
+                              "that allows unshare, mount and chroot, on nodes with user namespaces (README: "
+                              "\"Running it in CI and on Kubernetes\")") from None
+        raise
     if job.zstd:
         compress(dest)
 

@@ -9,11 +9,13 @@ decides what the root holds, the second writes those entries in order with their
 target a later layer removed or replaced still holds the target's old contents (as unpacking would leave it): the
 first such link gets them, copied aside when the second pass passes them."""
 
+import gzip
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import zlib
+from collections.abc import Generator, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -23,15 +25,18 @@ from container2boot.errors import C2BootError
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 GZIP_MAGIC = b"\x1f\x8b"
-PAX_NAMES = ("path", "linkpath", "size")  # what tarfile writes from the header itself
-# overlayfs' own bookkeeping, which a layer pushed from rootless overlay storage carries; podman drops it on unpacking
-OVERLAY_XATTRS = ("SCHILY.xattr.user.overlay.", "SCHILY.xattr.trusted.overlay.")
+PAX_NAMES = ("path", "linkpath", "size", "hdrcharset")  # what tarfile writes from the header itself
+DROPPED_PAX = (
+    "GNU.sparse.",  # a sparse file's map: tarfile hands over its contents whole
+    # overlayfs' own bookkeeping, which a layer pushed from rootless overlay storage carries; podman drops it too
+    "SCHILY.xattr.user.overlay.", "SCHILY.xattr.trusted.overlay.",
+)
 
 
 @dataclass(eq=False)
 class Entry:
     """One path of the merged root: the header that wins, where its contents are (layer, position in it), and for a
-    hardlink the regular file whose contents it shares."""
+    hardlink the entry (a file, a symlink, a device...) whose inode it shares."""
 
     info: tarfile.TarInfo
     at: tuple[int, int]
@@ -40,8 +45,9 @@ class Entry:
 
 @dataclass
 class Root:
-    """The root filesystem the layers make so far: paths in the order they appeared, and each directory's children
-    (so a whiteout of a directory removes its tree without a scan)."""
+    """The root filesystem the layers make so far: paths in the order they appeared, and each directory's children,
+    also of a directory no layer lists but its children imply (so a whiteout of a directory removes its tree without
+    a scan)."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
     children: dict[str, set[str]] = field(default_factory=dict)
@@ -54,22 +60,40 @@ class Root:
         if old is not None:  # (a directory only implied by its children so far keeps them)
             self.remove(path)
         self.entries[path] = entry
-        self.children.setdefault(parent(path), set()).add(path)
+        while path:  # known to its parent, and each ancestor to its own
+            siblings = self.children.setdefault(parent(path), set())
+            if path in siblings:
+                break
+            siblings.add(path)
+            path = parent(path)
 
     def remove(self, path: str) -> None:
         for child in self.children.pop(path, set()):
             self.remove(child)
-        if self.entries.pop(path, None) is not None:
-            self.children.get(parent(path), set()).discard(path)
+        self.entries.pop(path, None)
+        self.children.get(parent(path), set()).discard(path)
+
+    def whiteout(self, path: str, layer: int) -> None:
+        """`.wh.NAME`: NAME and its tree go, as lower layers made them (a whiteout never hides its own layer)."""
+        entry = self.entries.get(path)
+        if entry is None or entry.at[0] < layer:
+            self.remove(path)
 
     def hide_lower(self, directory: str, layer: int) -> None:
-        """An opaque directory: what layers below `layer` put in it goes (this layer's own entries stay)."""
+        """An opaque directory: what layers below `layer` put in it goes (this layer's own entries stay, and so do
+        the directories that lead to them, as directories only implied)."""
         for child in list(self.children.get(directory, ())):
             entry = self.entries.get(child)
-            if entry is None or entry.at[0] < layer:
-                self.remove(child)
-            elif entry.info.isdir():
+            if entry is not None and entry.at[0] == layer and not entry.info.isdir():
+                continue
+            if entry is None or entry.info.isdir():
                 self.hide_lower(child, layer)
+                if entry is None or entry.at[0] == layer:
+                    continue
+                if self.children.get(child):
+                    del self.entries[child]  # a lower directory, still holding this layer's entries
+                    continue
+            self.remove(child)
 
 
 def parent(path: str) -> str:
@@ -83,12 +107,12 @@ def normal(name: str) -> str:
 
 @contextmanager
 def open_layer(path: Path) -> Iterator[tarfile.TarFile]:
-    """A layer blob as a streamed tar: gzip or uncompressed, told by its first bytes (registry.fetch has made a
-    zstd layer a plain tar already)."""
+    """A layer blob as a streamed tar: gzip (every member of it: eStargz layers have many) or uncompressed, told by
+    its first bytes (registry.fetch has made a zstd layer a plain tar already)."""
     with path.open("rb") as raw:
         gzipped = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-        with tarfile.open(fileobj=raw, mode="r|gz" if gzipped else "r|") as tar:
+        with (gzip.open(raw) if gzipped else raw) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             yield tar
 
 
@@ -106,12 +130,12 @@ def merged_root(layers: tuple[Path, ...]) -> Root:
                     root.hide_lower(parent(path), index)
                 elif name.startswith(WHITEOUT):
                     if not name.startswith(WHITEOUT + WHITEOUT):  # .wh..wh.* is aufs' bookkeeping, not a file
-                        root.remove(f"{parent(path)}/{name.removeprefix(WHITEOUT)}".lstrip("/"))
+                        root.whiteout(f"{parent(path)}/{name.removeprefix(WHITEOUT)}".lstrip("/"), index)
                 elif info.islnk():
                     target = root.entries.get(normal(info.linkname))
-                    if target is None or not (target.info.isreg() or target.shares is not None):
+                    if target is None or target.info.isdir():
                         raise C2BootError(f"layer {index + 1} of the image has a hardlink {path} to "
-                                          f"{info.linkname}, which no layer up to it holds as a file")
+                                          f"{info.linkname}, which no layer up to it holds (but as a directory)")
                     root.add(path, Entry(info, (index, position), target.shares or target))
                 else:
                     root.add(path, Entry(info, (index, position)))
@@ -122,44 +146,56 @@ def write_root_tar(layers: tuple[Path, ...], dest: Path) -> Path:
     """Write the image's root filesystem as one PAX tar at `dest` (see the module's docstring)."""
     try:
         root = merged_root(layers)
-        files = {id(e) for e in root.entries.values() if e.info.isreg()}
-        orphans = {e.shares.at for e in root.entries.values() if e.shares is not None and id(e.shares) not in files}
+        present = {id(e) for e in root.entries.values() if e.shares is None}
+        orphans = {e.shares.at for e in root.entries.values()
+                   if e.shares is not None and id(e.shares) not in present and e.shares.info.isreg()}
         with tempfile.TemporaryDirectory(dir=dest.parent) as aside, \
-                tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as out:
-            contents = Contents(layers, orphans, Path(aside))
-            written: dict[tuple[int, int], str] = {}  # a regular file's contents -> the path they went out under
+                tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as out, \
+                closing(Contents(layers, orphans, Path(aside))) as contents:
+            written: dict[tuple[int, int], str] = {}  # an inode (its first entry) -> the path it went out under
             for path, entry in root.entries.items():
                 info = header(entry.info, path)
                 source = entry.shares or entry
                 if source.at in written:
                     info.type, info.linkname, info.size = tarfile.LNKTYPE, written[source.at], 0
                     out.addfile(info)
-                elif entry.info.isreg() or entry.shares is not None:
-                    info.type, info.size = tarfile.REGTYPE, source.info.size
+                    continue
+                if entry.shares is not None:  # its target is gone: the link takes the inode over
+                    for attribute in ("type", "linkname", "size", "devmajor", "devminor"):
+                        setattr(info, attribute, getattr(source.info, attribute))
+                if info.isreg():
                     with contents.of(source.at) as data:
                         out.addfile(info, data)
-                    written[source.at] = path
                 else:
                     out.addfile(info)
-            contents.close()
-    except (tarfile.TarError, EOFError, OSError) as e:
+                if not info.isdir():
+                    written[source.at] = path
+    except ValueError as e:  # what tarfile raises for a header it cannot parse (a sparse map, a number)
         dest.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise
+        raise C2BootError(f"a layer of the image has an entry this tool cannot read ({e}): check the image with "
+                          "`skopeo inspect`, or build it with podman or buildah") from None
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        dest.unlink(missing_ok=True)
         raise C2BootError(f"a layer of the image is not a readable tar ({e}): fetch it again, or check the "
                           "image with `skopeo inspect`") from None
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
     return dest
 
 
 def header(info: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
     """A copy of a layer's header for the merged tar, named by its normal path (PAX records that tarfile derives
-    from the header and overlayfs' xattrs dropped, the rest, other xattrs among them, kept)."""
+    from the header, the sparse map tarfile has already applied, and overlayfs' xattrs dropped; the rest, other
+    xattrs among them, kept)."""
     copy = tarfile.TarInfo(path)
     for attribute in ("mode", "uid", "gid", "size", "mtime", "type", "linkname", "uname", "gname", "devmajor",
                       "devminor"):
         setattr(copy, attribute, getattr(info, attribute))
+    if info.isreg():
+        copy.type = tarfile.REGTYPE  # also for a sparse file (tarfile reads it whole) or a contiguous one
     copy.pax_headers = {k: v for k, v in info.pax_headers.items()
-                        if k not in PAX_NAMES and not k.startswith(OVERLAY_XATTRS)}
+                        if k not in PAX_NAMES and not k.startswith(DROPPED_PAX)}
     return copy
 
 
@@ -172,7 +208,8 @@ class Contents:
         self._orphans = orphans
         self._aside = aside
 
-    def _walk(self, layers: tuple[Path, ...]) -> Iterator[tuple[tuple[int, int], tarfile.TarFile, tarfile.TarInfo]]:
+    @staticmethod
+    def _walk(layers: tuple[Path, ...]) -> Generator[tuple[tuple[int, int], tarfile.TarFile, tarfile.TarInfo]]:
         for index, layer in enumerate(layers):
             with open_layer(layer) as tar:
                 for position, info in enumerate(tar):
@@ -196,4 +233,4 @@ class Contents:
         raise C2BootError("the image's layers changed while they were read: fetch the image again")
 
     def close(self) -> None:
-        self._members.close()  # type: ignore[attr-defined]
+        self._members.close()

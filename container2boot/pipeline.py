@@ -261,7 +261,7 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
             packer = rootimage.pack_command(config.root_format, boot_dir / rootimage.FILES[config.root_format],
                                             config.compression, same)
             packed = background.enter_context(rootimage.packing(
-                rootfs if extra is None else sources.root, packer, extra.tree if extra else None,
+                rootfs, packer, extra.tree if extra else None,
                 extra.left_out if extra else (), same.environment()))
         with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                          f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "

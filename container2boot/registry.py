@@ -46,7 +46,8 @@ class FetchedImage:
 def fetch_image(reference: str, directory: Path, tls_verify: bool, authfile: Path | None) -> FetchedImage:
     """Copy the image `reference` names into `directory` (skopeo's dir: layout: manifest.json, blobs by digest).
     For a multi-architecture image skopeo takes this machine's; the digest recorded is that image's own."""
-    options = [f"--src-tls-verify={'true' if tls_verify else 'false'}"] if reference.startswith("docker://") else []
+    # Only the refusal is passed: skopeo's default verifies, and respects a registry registries.conf calls insecure.
+    options = ["--src-tls-verify=false"] if reference.startswith("docker://") and not tls_verify else []
     if authfile is not None:
         if not authfile.is_file():
             raise C2BootError(f"--authfile {authfile} is not a file: pass the auth file `podman login` or "
@@ -57,12 +58,17 @@ def fetch_image(reference: str, directory: Path, tls_verify: bool, authfile: Pat
     except C2BootError as e:
         raise C2BootError(f"cannot fetch {reference}: {e} (check the name, the registry's credentials "
                           "(--authfile) and, for a registry without TLS, --no-tls-verify)") from None
-    manifest = json.loads((directory / "manifest.json").read_text())
-    if "layers" not in manifest or "config" not in manifest:
-        kind = manifest.get("mediaType", "an unknown kind of manifest")
-        raise C2BootError(f"{reference} is not a container image ({kind}): pass an image, not an artifact or a list")
-    config = json.loads(blob(directory, manifest["config"]["digest"]).read_bytes())
-    layers = tuple(plain_or_gzip(blob(directory, layer["digest"])) for layer in manifest["layers"])
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        if not isinstance(manifest, dict) or "layers" not in manifest or "config" not in manifest:
+            kind = manifest.get("mediaType", "an unknown kind") if isinstance(manifest, dict) else "not an object"
+            raise C2BootError(f"{reference} is not a container image (its manifest: {kind}): pass an image, not an "
+                              "artifact")
+        config = json.loads(blob(directory, manifest["config"]["digest"]).read_bytes())
+        layers = tuple(plain_or_gzip(blob(directory, layer["digest"])) for layer in manifest["layers"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise C2BootError(f"{reference} as skopeo copied it is not an image this tool can read ({e}): check it "
+                          "with `skopeo inspect`") from None
     return FetchedImage(
         reference=reference,
         digest=f"sha256:{sha256(directory / 'manifest.json')}",

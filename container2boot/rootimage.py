@@ -11,6 +11,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -92,8 +93,9 @@ def packing(source: Path, consumer: list[str], extra: Path | None = None, left_o
     not packed."""
     with ExitStack() as stack:
         producer: list[str] | None = None
-        if extra is not None:
-            assert source.is_dir(), "files are added to a rootfs directory"
+        if extra is not None and not source.is_dir():
+            producer = stack.enter_context(tar_merge_command(source, extra, left_out))
+        elif extra is not None:
             producer = stack.enter_context(merged_tar_command(source, extra, left_out))
         elif source.is_dir():
             producer = [*TAR_CREATE, "--directory", str(source), "."]
@@ -151,6 +153,18 @@ def merged_tar_command(source: Path, extra: Path, left_out: tuple[str, ...]) -> 
         yield [*TAR_CREATE, *excludes, f"--transform=s,^{extra.name}/,./,S", "--directory", str(source), ".",
                "--no-recursion", "--null", "--verbatim-files-from", "--directory", str(extra.parent),
                f"--files-from={listing}"]
+    finally:
+        listing.unlink()
+
+
+@contextmanager
+def tar_merge_command(source: Path, extra: Path, left_out: tuple[str, ...]) -> Iterator[list[str]]:
+    """The same stream from a rootfs tar (see the tarmerge module): its own owners and modes, not those of the copy
+    unpacked for dracut."""
+    listing = extra.parent / f"{extra.name}.left-out"
+    listing.write_bytes(b"".join(f"{path}\0".encode() for path in left_out))
+    try:
+        yield [sys.executable, "-m", "container2boot.tarmerge", str(source), str(extra), str(listing)]
     finally:
         listing.unlink()
 

@@ -1,7 +1,8 @@
-"""The files in deploy/: valid YAML by yamllint, the Job the same pod as pod.yaml (which the e2e test runs with
-`podman kube play`), the security settings the README promises, and every c2boot command in them one the current
-CLI accepts."""
+"""The files in deploy/: valid YAML by yamllint, the Job the same pod as pod.yaml and the restricted pod the same
+but for its security (the e2e test runs both with `podman kube play`), the security settings and the seccomp
+profile the README promises, and every c2boot command in them one the current CLI accepts."""
 
+import json
 import shlex
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def load(name: str) -> Any:
 
 def test_every_deploy_file_passes_yamllint() -> None:
     files = sorted(DEPLOY.rglob("*.yml")) + sorted(DEPLOY.rglob("*.yaml"))
-    assert len(files) == 5
+    assert len(files) == 6
     result = subprocess.run([sys.executable, "-m", "yamllint", "--strict", "-d", YAMLLINT, *files],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
@@ -52,6 +53,31 @@ def test_the_build_pod_is_restricted_but_for_sys_chroot(name: str) -> None:
     assert container["command"] == ["c2boot", "assemble"] and container["args"][0].startswith("docker://")
 
 
+def test_the_restricted_pod_is_pod_yaml_without_the_capability_but_with_the_seccomp_profile() -> None:
+    pod, manifest = load("kubernetes/pod.yaml")["spec"], load("kubernetes/pod-restricted.yaml")
+    restricted = manifest["spec"]
+    assert restricted["securityContext"].pop("seccompProfile") == {"type": "Localhost",
+                                                                   "localhostProfile": "container2boot.json"}
+    annotation = manifest["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"]
+    assert annotation == "localhost/container2boot.json"  # what podman's kube play reads
+    assert restricted["containers"][0]["securityContext"].pop("capabilities") == {"drop": ["ALL"]}
+    del pod["securityContext"]["seccompProfile"], pod["containers"][0]["securityContext"]["capabilities"]
+    assert restricted == pod
+
+
+def test_the_seccomp_profile_is_plain_oci_and_allows_the_sandbox() -> None:
+    """No conditional rules (containerd would read them as unconditional), and what dracut's sandbox calls."""
+    profile = json.loads((DEPLOY / "kubernetes" / "seccomp" / "container2boot.json").read_text())
+    assert set(profile) == {"defaultAction", "defaultErrnoRet", "architectures", "syscalls"}
+    assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
+    allowed = {name for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" and "args" not in rule
+               for name in rule["names"]}
+    denied = {name for rule in profile["syscalls"] if rule["action"] == "SCMP_ACT_ERRNO" for name in rule["names"]}
+    assert {"unshare", "mount", "umount2", "chroot", "execve", "clone"} <= allowed
+    assert not {"chroot", "unshare", "mount"} & denied and {"init_module", "bpf"} <= denied
+    assert all(set(rule) <= {"names", "action", "args", "errnoRet"} for rule in profile["syscalls"])
+
+
 def c2boot_commands() -> Iterator[tuple[str, list[str]]]:
     """Each c2boot command line of the CI files and the pods, split as the shell would (variables unexpanded)."""
     workflow, gitlab = load("github-actions.yml"), load("gitlab-ci.yml")
@@ -64,7 +90,7 @@ def c2boot_commands() -> Iterator[tuple[str, list[str]]]:
             words = list(lexer)
             ends = [i for i, word in enumerate(words) if word in (">", ">>", "|", "&&", ";")]
             yield line.strip(), words[1:ends[0] if ends else None]
-    for name in ("kubernetes/pod.yaml", "kubernetes/pod-image-volume.yaml"):
+    for name in ("kubernetes/pod.yaml", "kubernetes/pod-restricted.yaml", "kubernetes/pod-image-volume.yaml"):
         [container] = load(name)["spec"]["containers"]
         yield name, [*container["command"][1:], *container["args"]]
 

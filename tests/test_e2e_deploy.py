@@ -1,15 +1,16 @@
 """Issue 15 end to end: the rootbuilder takes its image from a registry or an OCI archive, with no podman inside,
-as a non-root user; the shipped Kubernetes pod runs under `podman kube play` and its disk boots; the layers merged
-without podman are the root podman itself exports (whiteouts, opaque directories, hardlinks, owners, xattrs)."""
+as a non-root user; the shipped Kubernetes pods run under `podman kube play` (the restricted one with the shipped
+seccomp profile) and their disk boots; the layers merged without podman are the root podman itself exports
+(whiteouts, opaque directories, hardlinks, owners, xattrs)."""
 
 import json
 import re
 import subprocess
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from container2boot.layers import write_root_tar
 from container2boot.registry import blob, plain_or_gzip
@@ -43,42 +44,73 @@ def pushed_machine(example_build: Path, local_registry: str) -> str:
     return reference
 
 
-@pytest.fixture
-def kube_pod(tmp_path: Path, rootbuilder: str, pushed_machine: str) -> Iterator[Path]:
-    """deploy/kubernetes/pod.yaml with the image references changed (and --no-tls-verify for the test registry's
-    plain HTTP), torn down after with its output volume."""
-    text = (DEPLOY / "kubernetes" / "pod.yaml").read_text()
+def play(shipped: str, rootbuilder: str, pushed_machine: str, where: Path, seccomp: Path | None = None) -> Path:
+    """`podman kube play` of a shipped pod file with the image references changed (and --no-tls-verify for the test
+    registry's plain HTTP), as Kubernetes would run it; its output volume exported to `where`, the pod and the volume
+    removed after. Returns the outputs' directory."""
+    text = (DEPLOY / shipped).read_text()
     assert SHIPPED_ROOTBUILDER in text and f'"{SHIPPED_MACHINE}"' in text
-    pod = tmp_path / "pod.yaml"
+    pod = where / "pod.yaml"
     pod.write_text(text.replace(SHIPPED_ROOTBUILDER, rootbuilder)
                    .replace(f'"{SHIPPED_MACHINE}"', f'"docker://{pushed_machine}", "--no-tls-verify"'))
+    name = yaml.safe_load(text)["metadata"]["name"]
+    profiles = ["--seccomp-profile-root", seccomp] if seccomp else []
     try:
-        yield pod
+        podman("kube", "play", "--network", "host", *profiles, pod)  # the registry is on this host's 127.0.0.1
+        status = podman("wait", f"{name}-build")
+        logs = subprocess.run(["podman", "logs", f"{name}-build"], capture_output=True, text=True).stderr
+        assert status == "0", logs
+        podman("volume", "export", "--output", where / "volume.tar", "c2boot-out")
     finally:
         subprocess.run(["podman", "kube", "down", pod], capture_output=True, check=False)
         subprocess.run(["podman", "volume", "rm", "--force", "c2boot-out"], capture_output=True, check=False)
-
-
-def test_the_shipped_pod_builds_from_the_registry_and_its_disk_boots(kube_pod: Path, pushed_machine: str,
-                                                                     tmp_path: Path) -> None:
-    """As Kubernetes would run it: non-root, no privilege escalation, all capabilities dropped but SYS_CHROOT, the
-    runtime's seccomp profile, the outputs on a claimed volume. The manifest names the registry's digest."""
-    podman("kube", "play", "--network", "host", kube_pod)  # the test registry listens on this host's 127.0.0.1
-    status = podman("wait", "c2boot-build-build")
-    logs = subprocess.run(["podman", "logs", "c2boot-build-build"], capture_output=True, text=True).stderr
-    assert status == "0", logs
-    podman("volume", "export", "--output", tmp_path / "volume.tar", "c2boot-out")
-    (tmp_path / "volume").mkdir()
-    subprocess.run(["tar", "--extract", "--file", tmp_path / "volume.tar", "--directory", tmp_path / "volume"],
-                   check=True)
-    out = tmp_path / "volume" / "web"
+    (where / "volume").mkdir()
+    subprocess.run(["tar", "--extract", "--file", where / "volume.tar", "--directory", where / "volume"], check=True)
+    out = where / "volume" / "web"
     subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=out, check=True)
-    manifest = json.loads((out / "manifest.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def pod_outputs(tmp_path_factory: pytest.TempPathFactory, rootbuilder: str, pushed_machine: str) -> Path:
+    """What deploy/kubernetes/pod.yaml made: all capabilities dropped but SYS_CHROOT, the runtime's seccomp profile,
+    non-root, no privilege escalation, the outputs on a claimed volume."""
+    return play("kubernetes/pod.yaml", rootbuilder, pushed_machine, tmp_path_factory.mktemp("pod"))
+
+
+def test_the_shipped_pod_builds_from_the_registry_and_its_disk_boots(pod_outputs: Path, pushed_machine: str) -> None:
+    """The manifest names the image by the digest the registry serves."""
+    manifest = json.loads((pod_outputs / "manifest.json").read_text())
     repository, _, tag = pushed_machine.partition("/")[2].partition(":")
     assert manifest["source"]["image"] == f"docker://{pushed_machine}"
     assert manifest["source"]["digest"] == registry_digest(pushed_machine.partition("/")[0], repository, tag)
     assert {"fetch", "layers"} <= set(manifest["timings_seconds"])
-    boot_evidence(out / "disk.img", READY)
+    boot_evidence(pod_outputs / "disk.img", READY)
+
+
+def test_the_pods_root_image_keeps_the_images_owners_and_modes(pod_outputs: Path, rootbuilder: str,
+                                                               tmp_path: Path) -> None:
+    """Built by user 1000 with no capability, which can neither chown nor keep a setuid bit on what it unpacks:
+    the root image still holds root's setuid passwd and the shadow group's /etc/shadow, as the image has them."""
+    paths = ["usr/bin/passwd", "etc/shadow", "etc/passwd"]
+    image = podman("run", "--rm", "--entrypoint", "stat", EXAMPLE_IMAGE, "-c", "%a %u %g",
+                   *(f"/{path}" for path in paths)).splitlines()
+    with (tmp_path / "root.tar").open("wb") as listing:
+        subprocess.run(["podman", "run", "--rm", "-v", f"{pod_outputs / 'esp' / 'container2boot'}:/r:ro",
+                        "--entrypoint", "sqfs2tar", rootbuilder, "/r/squashfs.img"], stdout=listing, check=True,
+                       stderr=subprocess.DEVNULL)
+    with tarfile.open(tmp_path / "root.tar") as tar:
+        packed = [tar.getmember(path) for path in paths]
+    assert [f"{info.mode:o} {info.uid} {info.gid}" for info in packed] == image
+
+
+def test_the_restricted_pod_makes_the_same_disk(pod_outputs: Path, rootbuilder: str, pushed_machine: str,
+                                                tmp_path: Path) -> None:
+    """pod-restricted.yaml: no capability at all, the shipped seccomp profile instead. Its outputs are the other
+    pod's, byte for byte (the same image, options and rootbuilder), so that disk's boot stands for both."""
+    out = play("kubernetes/pod-restricted.yaml", rootbuilder, pushed_machine, tmp_path,
+               seccomp=DEPLOY / "kubernetes" / "seccomp")
+    assert (out / "SHA256SUMS").read_text() == (pod_outputs / "SHA256SUMS").read_text()
 
 
 def test_an_oci_archive_is_assembled_without_podman_inside(rootbuilder: str, tmp_path: Path) -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from container2boot import initrd
-from container2boot.initrd import InitrdJob, compress, compress_with_zstd, dracut_command, early_archive_end
+from container2boot.initrd import (
+    SANDBOX_REFUSED,
+    InitrdJob,
+    compress,
+    compress_with_zstd,
+    dracut_command,
+    early_archive_end,
+)
 from container2boot.tree import Tree
 
 ZSTD_KERNEL = "CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n"
@@ -93,3 +100,16 @@ def test_without_an_early_archive_all_of_it_is_compressed(tmp_path: Path) -> Non
         assert early_archive_end(f) == 0
     compress(path)
     assert subprocess.run(["zstd", "-d", "-c", path], capture_output=True, check=True).stdout == main
+
+
+@pytest.mark.parametrize(("failure", "refused"), [
+    ("chroot: cannot change root directory to '/out/w/initrd/root': Operation not permitted", True),
+    ("unshare: unshare failed: Operation not permitted", True),
+    ("mount: /out/w/initrd/root: permission denied.", True),
+    ("dracut: Cannot find module directory /lib/modules/6.1/", False),
+    ("cp: cannot open '/var/lib/x': Permission denied", False),
+])
+def test_a_sandbox_the_container_refuses_is_told_from_a_dracut_failure(failure: str, refused: bool) -> None:
+    """A pod without CAP_SYS_CHROOT or a seccomp profile that allows the user namespace gets told what to give it."""
+    message = f"dracut (of /rootfs, in a user namespace) failed (exit 1): {failure}"
+    assert bool(SANDBOX_REFUSED.search(message)) is refused

@@ -4,6 +4,7 @@ registry module makes of an image's reference and configuration."""
 
 import gzip
 import io
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from container2boot.errors import C2BootError
 from container2boot.layers import write_root_tar
 from container2boot.registry import FetchedImage, fetch_image, image_config, is_image_reference
+from container2boot.tarmerge import merge
 
 Member = tuple[str, str, bytes | str]  # name, kind (file, dir, link, symlink), contents or link target
 
@@ -141,3 +143,69 @@ def test_an_image_reference_is_told_from_a_path_and_its_config_read() -> None:
 def test_a_missing_auth_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(C2BootError, match=r"--authfile .* is not a file"):
         fetch_image("docker://r/x:1", tmp_path / "image", True, tmp_path / "auth.json")
+
+
+def test_every_member_of_a_multi_member_gzip_layer_is_read(tmp_path: Path) -> None:
+    """eStargz layers (and concatenated gzip streams) are several gzip members in a row."""
+    raw = layer(tmp_path / "plain", [("a", "file", "1"), ("b", "file", "2"), ("c", "file", "3")]).read_bytes()
+    (tmp_path / "1").write_bytes(gzip.compress(raw[:1024]) + gzip.compress(raw[1024:]))
+    assert {name: data for name, (_, data) in merged(tmp_path, tmp_path / "1").items()} == \
+        {"a": b"1", "b": b"2", "c": b"3"}
+
+
+def test_directories_only_implied_by_their_files(tmp_path: Path) -> None:
+    """No layer lists a/ or a/b/: a whiteout of a/ still removes a/b/c, and an opaque a/ keeps this layer's a/b/new
+    while hiding the lower a/b/old."""
+    base = layer(tmp_path / "1", [("a/b/c", "file", "c"), ("d/e/old", "file", "o")])
+    top = layer(tmp_path / "2", [(".wh.a", "file", ""), ("d/e/new", "file", "n"), ("d/.wh..wh..opq", "file", "")])
+    assert set(merged(tmp_path, base, top)) == {"d/e/new"}
+
+
+def test_a_whiteout_hides_lower_layers_only(tmp_path: Path) -> None:
+    same = layer(tmp_path / "1", [("x", "file", "kept"), (".wh.x", "file", "")])
+    assert merged(tmp_path, same)["x"][1] == b"kept"
+
+
+def test_hardlinks_to_a_symlink_also_when_it_is_gone(tmp_path: Path) -> None:
+    """Docker and containers/storage write a hardlink for any inode with more links: a symlink's too (ostree)."""
+    base = layer(tmp_path / "1", [("s", "symlink", "target"), ("t", "link", "s"), ("u", "link", "s"),
+                                  ("f", "file", "data"), ("g", "link", "f")])
+    top = layer(tmp_path / "2", [(".wh.s", "file", ""), (".wh.f", "file", "")])
+    root = merged(tmp_path, base, top)
+    assert root["t"][0].issym() and root["t"][0].linkname == "target"
+    assert root["u"][0].islnk() and root["u"][0].linkname == "t"
+    assert root["g"][0].isreg() and root["g"][0].linkname == "" and root["g"][1] == b"data"
+
+
+def test_a_sparse_file_is_written_whole_and_readable(tmp_path: Path) -> None:
+    """GNU tar's PAX sparse records are tarfile's to apply, not to copy: the merged tar must stay readable."""
+    source = tmp_path / "src"
+    source.mkdir()
+    with (source / "sparse").open("wb") as f:
+        f.seek(1 << 20)
+        f.write(b"end")
+    subprocess.run(["tar", "--create", "--sparse", "--format=posix", "--file", tmp_path / "1", "--directory",
+                    source, "sparse"], check=True)
+    root = merged(tmp_path, tmp_path / "1")
+    assert root["sparse"][1] == b"\0" * (1 << 20) + b"end"
+    assert not any(key.startswith("GNU.sparse") for key in root["sparse"][0].pax_headers)
+    subprocess.run(["tar", "--list", "--file", tmp_path / "root.tar"], check=True, capture_output=True)
+
+
+def test_the_packed_stream_keeps_the_tars_owners_and_adds_the_builds_files(tmp_path: Path) -> None:
+    """tarmerge: the rootfs tar's owners and setuid bits (which an unprivileged unpacking loses), without the paths
+    the build replaces, then the build's files, owned by root when this user made them."""
+    rootfs = layer(tmp_path / "rootfs.tar", [("etc/", "dir", ""), ("etc/machine-id", "file", "image's"),
+                                             ("usr/bin/passwd", "file", "elf")], uid=0, gid=0, mode=0o4755)
+    extra = tmp_path / "extra"
+    (extra / "etc").mkdir(parents=True)
+    (extra / "etc" / "machine-id").write_text("")
+    (extra / "etc" / "added").write_text("new")
+    with tarfile.open(tmp_path / "out.tar", "w", format=tarfile.PAX_FORMAT) as out:
+        merge(rootfs, extra, {"etc/machine-id"}, out)
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert [m.name for m in tar.getmembers()].count("etc") == 1
+        assert tar.extractfile("etc/machine-id").read() == b""  # type: ignore[union-attr]
+    assert (members["usr/bin/passwd"].mode, members["usr/bin/passwd"].uid) == (0o4755, 0)
+    assert members["etc/added"].uid == 0 and members["etc/machine-id"].uid == 0
