@@ -194,6 +194,8 @@ def header(info: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
         setattr(copy, attribute, getattr(info, attribute))
     if info.isreg():
         copy.type = tarfile.REGTYPE  # also for a sparse file (tarfile reads it whole) or a contiguous one
+    if info.islnk():
+        copy.linkname = normal(info.linkname)  # named as its target now is
     copy.pax_headers = {k: v for k, v in info.pax_headers.items()
                         if k not in PAX_NAMES and not k.startswith(DROPPED_PAX)}
     return copy

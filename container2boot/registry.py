@@ -4,6 +4,7 @@ manifest's bytes unchanged, so their sha256 is the digest the registry serves) i
 then makes its root filesystem one tar. Neither needs privileges."""
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,10 @@ def fetch_image(reference: str, directory: Path, tls_verify: bool, authfile: Pat
                               "`docker login` wrote (e.g. a mounted dockerconfigjson secret)")
         options.append(f"--src-authfile={authfile}")
     try:
-        run(["skopeo", "copy", "--quiet", *options, reference, f"dir:{directory}"])
+        # Its temporary files (an oci-archive unpacked, blobs on their way) beside the outputs too, not in /var/tmp,
+        # which in a pod is the container's own small layer.
+        run(["skopeo", "copy", "--quiet", *options, reference, f"dir:{directory}"],
+            env={**os.environ, "TMPDIR": str(directory.parent)})
     except C2BootError as e:
         raise C2BootError(f"cannot fetch {reference}: {e} (check the name, the registry's credentials "
                           "(--authfile) and, for a registry without TLS, --no-tls-verify)") from None

@@ -195,8 +195,10 @@ def test_a_sparse_file_is_written_whole_and_readable(tmp_path: Path) -> None:
 def test_the_packed_stream_keeps_the_tars_owners_and_adds_the_builds_files(tmp_path: Path) -> None:
     """tarmerge: the rootfs tar's owners and setuid bits (which an unprivileged unpacking loses), without the paths
     the build replaces, then the build's files, owned by root when this user made them."""
-    rootfs = layer(tmp_path / "rootfs.tar", [("etc/", "dir", ""), ("etc/machine-id", "file", "image's"),
-                                             ("usr/bin/passwd", "file", "elf")], uid=0, gid=0, mode=0o4755)
+    rootfs = layer(tmp_path / "rootfs.tar", [("./etc/", "dir", ""), ("./etc/machine-id", "file", "image's"),
+                                             ("./usr/bin/passwd", "file", "elf"), ("./usr/bin/chfn", "link",
+                                                                                   "./usr/bin/passwd")],
+                   uid=0, gid=0, mode=0o4755)
     extra = tmp_path / "extra"
     (extra / "etc").mkdir(parents=True)
     (extra / "etc" / "machine-id").write_text("")
@@ -208,4 +210,5 @@ def test_the_packed_stream_keeps_the_tars_owners_and_adds_the_builds_files(tmp_p
         assert [m.name for m in tar.getmembers()].count("etc") == 1
         assert tar.extractfile("etc/machine-id").read() == b""  # type: ignore[union-attr]
     assert (members["usr/bin/passwd"].mode, members["usr/bin/passwd"].uid) == (0o4755, 0)
+    assert members["usr/bin/chfn"].islnk() and members["usr/bin/chfn"].linkname == "usr/bin/passwd"
     assert members["etc/added"].uid == 0 and members["etc/machine-id"].uid == 0
