@@ -31,7 +31,7 @@ from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
 from container2boot.log import DONE_PREFIX, STAGE_PREFIX, StageProgress, StageTimer, logger
 from container2boot.plan import ImageConfig
-from container2boot.reproducible import image_created
+from container2boot.reproducible import default_source_date, image_created
 from container2boot.rootfs import Report, examine
 from container2boot.run import check_version, require_tool, run
 from container2boot.tree import Tree
@@ -61,7 +61,7 @@ class MachineImage:
 
     def source_date(self, source: Mapping[str, str]) -> str:
         """The source date its outputs get: SOURCE_DATE_EPOCH as given, else the image's creation; "" for none."""
-        return source.get("source_date_epoch") or ("" if self.created is None else str(self.created))
+        return default_source_date(source, self.created)
 
 
 def kernel_tag(config: Config) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 from container2boot.errors import C2BootError
 from container2boot.manifest import sha256
 from container2boot.plan import ImageConfig
-from container2boot.reproducible import image_created
+from container2boot.reproducible import default_source_date, image_created
 from container2boot.run import run
 
 TRANSPORTS = ("docker://", "oci:", "oci-archive:")
@@ -39,7 +39,7 @@ class FetchedImage:
 
     def source(self, given: Mapping[str, str]) -> dict[str, str]:
         """The manifest's `source`: this image, and the source date (SOURCE_DATE_EPOCH if given, else its creation)."""
-        date = given.get("source_date_epoch") or ("" if self.created is None else str(self.created))
+        date = default_source_date(given, self.created)
         return {"image": self.reference, "digest": self.digest, "id": self.config_digest.removeprefix("sha256:"),
                 **({"source_date_epoch": date} if date else {})}
 

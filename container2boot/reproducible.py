@@ -11,6 +11,7 @@ the seed but draws its directory hash seed at random unless given one.
 import os
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +56,11 @@ def source_date_epoch(text: str) -> int:
         raise C2BootError(f"SOURCE_DATE_EPOCH={text!r} is not a number of seconds since 1970: set it to one "
                           "(e.g. `date +%s`) or unset it")
     return int(text)
+
+
+def default_source_date(given: Mapping[str, str], created: int | None) -> str:
+    """The source date of an image's outputs: SOURCE_DATE_EPOCH as given, else the image's creation; "" for none."""
+    return given.get("source_date_epoch") or ("" if created is None else str(created))
 
 
 def image_created(created: str) -> int | None:

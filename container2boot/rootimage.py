@@ -147,7 +147,7 @@ def merged_tar_command(source: Path, extra: Path, left_out: tuple[str, ...]) -> 
     """tar writing `source` without its `left_out` paths, then `extra`'s files, as one stream. Exclusions match
     every member, so the added files are listed as EXTRA/... and renamed to ./... on the way."""
     listing = extra.parent / f"{extra.name}.files"
-    listing.write_bytes(b"".join(f"{extra.name}/{p}\0".encode() for p in added_paths(source, extra)))
+    listing.write_bytes(b"".join(f"{extra.name}/{p}\0".encode() for p in added_paths(extra, has_directory(source))))
     excludes = ["--anchored", "--no-wildcards", *(f"--exclude=./{path}" for path in left_out)]
     try:
         yield [*TAR_CREATE, *excludes, f"--transform=s,^{extra.name}/,./,S", "--directory", str(source), ".",
@@ -169,15 +169,21 @@ def tar_merge_command(source: Path, extra: Path, left_out: tuple[str, ...]) -> I
         listing.unlink()
 
 
-def added_paths(source: Path, extra: Path) -> list[str]:
-    """Paths of `extra` (relative) to add to `source`: all but the directories `source` has already."""
+def added_paths(extra: Path, source_has_directory: Callable[[str], bool]) -> list[str]:
+    """Paths of `extra` (relative) to add to the rootfs: all but the directories the rootfs has already (a real
+    directory, not a symlink to one)."""
     paths = []
     for directory, dirs, files in os.walk(extra):
+        dirs.sort()
         relative = os.path.relpath(directory, extra)
-        for name in sorted(dirs) + sorted(files):
+        for name in (*dirs, *sorted(files)):
             path = os.path.normpath(os.path.join(relative, name))
-            if name in dirs and os.path.isdir(os.path.join(source, path)) and \
-                    not os.path.islink(os.path.join(source, path)):
+            if name in dirs and source_has_directory(path):
                 continue
             paths.append(path)
     return paths
+
+
+def has_directory(root: Path) -> Callable[[str], bool]:
+    """Whether the rootfs directory `root` has a real directory at a relative path."""
+    return lambda path: os.path.isdir(root / path) and not os.path.islink(root / path)

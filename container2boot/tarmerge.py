@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 from container2boot.layers import header, normal
+from container2boot.rootimage import added_paths
 
 
 def merge(source: Path, extra: Path, left_out: set[str], out: "tarfile.TarFile") -> None:
@@ -27,23 +28,18 @@ def merge(source: Path, extra: Path, left_out: set[str], out: "tarfile.TarFile")
                 directories.add(path)
             out.addfile(header(info, path), tar.extractfile(info) if info.isreg() else None)
     me = (os.geteuid(), os.getegid())
-    for directory, dirs, files in os.walk(extra):
-        dirs.sort()
-        for name in (*dirs, *sorted(files)):
-            full = Path(directory) / name
-            path = full.relative_to(extra).as_posix()
-            if name in dirs and path in directories and not full.is_symlink():
-                continue
-            info = out.gettarinfo(full, arcname=path)
-            if me[0] != 0:
-                info.uid = 0 if info.uid == me[0] else info.uid
-                info.gid = 0 if info.gid == me[1] else info.gid
-            info.uname = info.gname = ""
-            if info.isreg():
-                with full.open("rb") as data:
-                    out.addfile(info, data)
-            else:
-                out.addfile(info)
+    for path in added_paths(extra, directories.__contains__):
+        full = extra / path
+        info = out.gettarinfo(full, arcname=path)
+        if me[0] != 0:
+            info.uid = 0 if info.uid == me[0] else info.uid
+            info.gid = 0 if info.gid == me[1] else info.gid
+        info.uname = info.gname = ""
+        if info.isreg():
+            with full.open("rb") as data:
+                out.addfile(info, data)
+        else:
+            out.addfile(info)
 
 
 def left(path: str, left_out: set[str]) -> bool:
