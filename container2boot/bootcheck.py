@@ -44,6 +44,8 @@ FATAL_CONSOLE = (
 # A console verdict (no systemd report possible): a getty's login prompt means the system came up.
 LOGIN_PROMPT = re.compile(r"^\S+ login: ", re.MULTILINE)  # kernel messages may follow on its line
 INIT_BANNERS = re.compile(r"INIT: version \S+ booting|OpenRC \S+ is starting up|Run /\S+ as init process")
+SELINUX_MODES = {"1": "enforcing", "0": "permissive", "off": "off"}  # the report's /sys/fs/selinux/enforce
+AVC_SHOWN = 5  # the first AVC denials the report carries
 GRACE_SECONDS = 5  # more console after a fatal line, for the report
 APP_SETTLE_SECONDS = 10  # an app still running this long after it started is up
 CONSOLE_TAIL_LINES = 30
@@ -69,6 +71,9 @@ class BootReport:
     console_tail: list[str] = field(default_factory=list)
     app_command: str | None = None  # an application image: what its init started
     app_exit_status: int | None = None  # and how it ended, if it did
+    selinux: str | None = None  # enforcing, permissive or off, as the booted kernel says; None: not reported
+    avc_denials: int = 0  # SELinux AVC denials during the boot
+    avc_examples: list[str] = field(default_factory=list)  # the first of them
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,6 +86,11 @@ class BootReport:
             lines.append("  " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s"
                                           for name, value in self.seconds.items()))
         lines += [f"  failed unit: {unit}" for unit in self.failed_units]
+        if self.selinux not in (None, "off"):
+            lines.append(f"  SELinux {self.selinux}")
+        if self.avc_denials:
+            lines.append(f"  warning: {self.avc_denials} SELinux AVC denial(s) during the boot; the first:")
+            lines += [f"    {denial}" for denial in self.avc_examples]
         if not self.ok and self.console_tail:
             lines += ["  last console lines:", *(f"    {line}" for line in self.console_tail)]
         return "\n".join(lines)
@@ -88,7 +98,7 @@ class BootReport:
 
 def report_unit() -> bytes:
     return render("report.service.j2", port=REPORT_PORT, marker=REPORT_MARKER,
-                  manager_properties=MANAGER_PROPERTIES).encode()
+                  manager_properties=MANAGER_PROPERTIES, avc_shown=AVC_SHOWN).encode()
 
 
 def report_credentials() -> dict[str, bytes]:
@@ -106,7 +116,7 @@ def report_credentials() -> dict[str, bytes]:
 def parse_report(text: str) -> dict[str, Any]:
     """The report's lines ('key value' and systemctl's 'Key=value') as a dict; failed units as a list. Whatever
     came before the marker (firmware, boot loader) is not part of it."""
-    values: dict[str, Any] = {"failed": []}
+    values: dict[str, Any] = {"failed": [], "avc": []}
     _, marker, report = text.partition(REPORT_MARKER)
     for line in report.splitlines() if marker else []:
         line = line.strip()
@@ -115,8 +125,8 @@ def parse_report(text: str) -> dict[str, Any]:
             values[key] = value
         elif line:
             key, _, value = line.partition(" ")
-            if key == "failed":
-                values["failed"].append(value)
+            if key in ("failed", "avc"):
+                values[key].append(value)
             else:
                 values[key] = value
     return values
@@ -218,7 +228,8 @@ def test(target: Path, config: Config) -> BootReport:
             f"judged from its console: not systemd {CREDENTIALS_SYSTEMD} or newer"
         logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s; %s)", built.what(boot), boot,
                     config.firmware, config.timeout, how)
-        return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout, kind=kind)
+        return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout, kind=kind,
+                          console_copy=config.console_log)
 
 
 def verdict_kind(built: Built) -> str:
@@ -234,9 +245,10 @@ def verdict_kind(built: Built) -> str:
 
 
 def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float,
-               kind: str = "report") -> BootReport:
+               kind: str = "report", console_copy: Path | None = None) -> BootReport:
     """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up:
-    from its report, or with `kind` "console" from a login prompt on its console."""
+    from its report, or with `kind` "console" from a login prompt on its console. The whole console is also
+    written to `console_copy`."""
     with lifecycle.temporary_directory("c2boot-test-") as tmp:
         console_log, report_log = tmp / "console.log", tmp / "report.log"
         console_log.touch()
@@ -274,6 +286,8 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
                     break
                 time.sleep(0.5)
             console = qemu.read_console(console_log)
+        if console_copy is not None:
+            console_copy.expanduser().write_text(console)
         return decide(report, values, console, fatal, reached_at, timeout)
 
 
@@ -288,6 +302,9 @@ def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tupl
     report.default_target = values.get("default_target")
     report.system_state = values.get("state")
     report.failed_units = list(values.get("failed", []))
+    report.selinux = SELINUX_MODES.get(values.get("selinux", ""))
+    report.avc_denials = int(values["avc_count"]) if str(values.get("avc_count", "")).isdigit() else 0
+    report.avc_examples = list(values.get("avc", []))
     report.reached_default_target = values.get("target_state") == "active"
     if reached_at is not None:
         report.seconds = boot_seconds(values, reached_at)

@@ -566,7 +566,8 @@ def format_report(report: Report, layout: str, plan: "Plan | None", verdict: str
          else "no signed shim/GRUB: boots with Secure Boot off"),
         ("netboot", "yes (dracut livenet and network modules, curl)" if report.netboot_ready
          else f"no: for --netboot {report.packages(['livenet'])}"),
-        ("selinux", f"{report.selinux_policy} policy" if report.selinux_policy else "no policy"),
+        ("selinux", f"{report.selinux_policy} policy, {report.selinux_mode or 'no mode set'} (build labels the root "
+                    "from it)" if report.selinux_policy else "no policy"),
         ("bootc", "yes (containers.bootc label)" if report.bootc else "no"),
         ("ssh", "yes (sshd)" if report.sshd else "no sshd"),
         ("cloud-init", "no" if not report.cloud_init else "yes" if report.cloud_datasources is None

@@ -25,6 +25,7 @@ DISK_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vhd")
 DISK_COMPRESSIONS = ("zst", "xz")
 FIRMWARES = ("uefi", "bios", "secure-boot")
 CLOUDS = ("digitalocean", "openstack", "gce", "azure")
+SELINUX_SETTINGS = ("auto", "off", "permissive", "enforcing")
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 MIN_MEMORY_MIB = 128
 DEFAULT_BASE_IMAGE = "docker.io/library/debian:trixie"
@@ -105,6 +106,10 @@ SETTINGS: tuple[Setting, ...] = (
             ("--compression",), BOTH, choices=COMPRESSIONS, panel="Boot"),
     Setting("cmdline", str, "", "Extra kernel arguments, appended to the defaults (live root, serial console).",
             ("--cmdline",), BOTH, metavar="ARGS", panel="Boot"),
+    Setting("selinux", str, "auto", "SELinux: auto labels every file of the root from the image's own policy "
+            "(its /etc/selinux/config and file_contexts) when it has one, and boots in the mode that config says; "
+            "enforcing or permissive label it and boot so; off boots with SELinux disabled (selinux=0).",
+            ("--selinux",), BOTH, choices=SELINUX_SETTINGS, panel="Boot"),
     Setting("netboot", bool, False, "Let the machine also boot over the network: dracut's livenet module fetches "
             "the root image over HTTP (serve it with `c2boot serve`). The image needs dracut-network and curl.",
             ("--netboot",), BOTH, panel="Boot"),
@@ -194,8 +199,9 @@ SETTINGS: tuple[Setting, ...] = (
             "printing its XML; start it with `virsh -c qemu:///session start NAME`.", ("--define",), LIBVIRT),
     Setting("virt_install", bool, False, "Print the equivalent `virt-install --import` command line instead of "
             "the XML.", ("--virt-install",), LIBVIRT),
-    Setting("console_log", Path, None, "Also write the domain's serial console to this file.", ("--console-log",),
-            LIBVIRT, metavar="FILE"),
+    Setting("console_log", Path, None, "Also write the serial console to this file: the boot test's whole console "
+            "(test, build --test), or the libvirt domain's.", ("--console-log",),
+            frozenset({"libvirt", "test", "build"}), metavar="FILE", panel="Virtual machine"),
     Setting("workdir", str, None, "The app's working directory (default: the image's WORKDIR, else /).",
             ("--workdir",), MAKING, metavar="DIR", panel="Application"),
     Setting("supplied_kernel", bool, False, "Boot the supplied kernel (and its initrd) even when the image has a "
@@ -274,6 +280,7 @@ class Config:
     root_format: str = "squashfs"
     compression: str = "zstd"
     cmdline: str = ""
+    selinux: str = "auto"
     image: str | None = None
     containerfile: Path | None = None
     context: Path | None = None
@@ -355,7 +362,8 @@ class Config:
                                      ("root format", self.root_format, ROOT_FORMATS),
                                      ("--pull policy", self.pull, PULL_POLICIES),
                                      ("partition table", self.table, PARTITION_TABLES),
-                                     ("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type, ROOTFS_TYPES)):
+                                     ("layout", self.layout, LAYOUTS), ("rootfs type", self.rootfs_type, ROOTFS_TYPES),
+                                     ("--selinux setting", self.selinux, SELINUX_SETTINGS)):
             if value not in choices:
                 raise C2BootError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
         if self.compress is not None and self.compress not in DISK_COMPRESSIONS:
@@ -540,7 +548,7 @@ NOT_OUTPUT_SETTINGS = frozenset({"output", "force", "verbose", "quiet", "no_cach
 # Build settings that say which image to boot (the manifest names it), how to test it, or what else to make in
 # podman's storage: not what is made in the output directory.
 IMAGE_AND_TEST_SETTINGS = frozenset({"image", "containerfile", "context", "tag", "build_args", "secrets", "pull",
-                                     "test", "firmware", "memory", "cpus", "timeout", "containerdisk"})
+                                     "test", "firmware", "memory", "cpus", "timeout", "containerdisk", "console_log"})
 
 
 def command_line(config: Config, command: Command, skip: Collection[str] = ()) -> list[str]:

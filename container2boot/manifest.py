@@ -59,6 +59,9 @@ def build_manifest(
         "supplied_kernel": supplied_kernel,
         "kernel": {"version": plan.kernel_version, "source": plan.kernel, "cmdline": cmdline},
         "boot": boot,
+        "selinux": plan.selinux and {"mode": plan.selinux.mode, "policy": plan.selinux.policy,
+                                     "labelled": "at first boot" if plan.selinux.relabel_at_boot else
+                                     "by container2boot" if plan.selinux.labels_root else None},
         "tools": tools,
         "disk_images": disk_images,
         "artifacts": files,

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from container2boot import accounts, bios, clouds, formats, lifecycle, reproducible, rootimage, rootpartition, supplied
+from container2boot import (
+    accounts,
+    bios,
+    clouds,
+    formats,
+    lifecycle,
+    reproducible,
+    rootimage,
+    rootpartition,
+    selinux,
+    supplied,
+)
 from container2boot.bootloader import BOOT_DIR, BootEntry, install_bootloader, installed_cmdline, live_cmdline
 from container2boot.cache import Cache, output_key
 from container2boot.cache import default_directory as cache_directory
@@ -136,6 +147,10 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                 rootimage.check_bootable(config.root_format, config.compression, sources.kernel_tree[0],
                                          plan.kernel_version, initrd_job(sources, plan, None, config).dracut_version)
         logger.info("    %s, %s", sources.report.name, plan.describe())
+        if plan.selinux is not None:
+            logger.info("    %s", plan.selinux.describe())
+            for warning in plan.selinux.warnings(None if installed else config.root_format):
+                logger.warning("    warning: %s", warning)
         for warning in cloud_warnings(sources.report, config):
             logger.warning("    warning: %s", warning)
         root_partition = rootpartition.prepare(root, config.rootfs_type, scratch, same) if installed else None
@@ -191,6 +206,8 @@ def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
                              sources.report.tree)
     if plan.access is not None:
         left_out = accounts.add_access(sources.root, tree, plan.access, config)
+    if plan.selinux is not None:
+        left_out += selinux.add_files(tree, sources.report.tree, plan.selinux, live=config.layout == "live")
     if not any(tree.iterdir()) and not left_out:
         return None
     same.clamp_times(tree)
@@ -221,10 +238,12 @@ def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str
 def boot_cmdline(plan: Plan, job: InitrdJob, root_partition: rootpartition.RootPartition | None,
                  config: Config) -> str:
     """The kernel arguments: the layout's root (as the initrd's dracut takes them), the app's init (quiet, so the
-    console is the app's), the user's."""
+    console is the app's), SELinux's mode, the user's."""
     extra = config.cmdline
     if plan.init == "app":
         extra = f"init={supplied.INIT} quiet {extra}".strip()
+    if plan.selinux is not None:
+        extra = f"{plan.selinux.kernel_arguments()} {extra}".strip()
     if root_partition is None:
         return live_cmdline(extra, job.dracut_version, rootimage.FILES[config.root_format])
     return installed_cmdline(root_partition.partuuid, root_partition.fstype, extra)
@@ -238,6 +257,9 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
     boot_dir = staging / "esp" / BOOT_DIR
     boot_dir.mkdir(parents=True)
     job = initrd_job(sources, plan, root_partition, config)
+    contexts = None  # the file_contexts the build labels the root from
+    if plan.selinux is not None and plan.selinux.labels_root:
+        contexts = selinux.copy_contexts(sources.report.tree, plan.selinux, scratch / "selinux")
     entry = BootEntry(
         title=f"{report.name} (container2boot {config.layout})",
         kernel=f"/{BOOT_DIR}/vmlinuz",
@@ -262,7 +284,8 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                                             config.compression, same)
             packed = background.enter_context(rootimage.packing(
                 rootfs, packer, extra.tree if extra else None,
-                extra.left_out if extra else (), same.environment()))
+                extra.left_out if extra else (), same.environment(),
+                selinux.filter_command(contexts) if contexts else None))
         with timer.stage("initrd", f"Building the {config.layout}{' and network' if config.netboot else ''} "
                          f"initrd with {'the image' if job.dracut_root == sources.root else 'the kernel image'}'s "
                          f"dracut (kernel {plan.kernel_version}{'; zstd compresses it' if job.zstd else ''})"):
@@ -289,6 +312,10 @@ def make_outputs(rootfs: Path, sources: Sources, plan: Plan, root_partition: roo
                        size=config.size_bytes)
             if config.bios:
                 bios.install_boot_code(staging / "disk.img", same.environment())
+        if root_partition is not None and contexts is not None:
+            with timer.stage("selinux", f"Labelling the {root_partition.fstype} root partition from the image's "
+                             "SELinux policy"):
+                selinux.label_root_partition(staging / "disk.img", root_partition.partuuid, contexts, scratch)
     disk_images = make_disk_formats(staging, config, timer) if config.diskimage else []
     with timer.stage("checksums", "Writing SHA256SUMS and manifest.json"):
         files = artifacts(staging)

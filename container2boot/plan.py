@@ -18,11 +18,12 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from container2boot import access
+from container2boot import access, selinux
 from container2boot.access import Access
 from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.rootfs import Report
+from container2boot.selinux import SELinux
 
 KINDS = ("machine", "own-kernel", "userland", "app")
 KIND_NAMES = {"machine": "complete machine image", "own-kernel": "machine image without a usable initrd maker",
@@ -102,6 +103,7 @@ class Plan:
     init: str  # "image" or "app"
     app: App | None = None
     access: Access | None = None  # a machine's (not an app's): keys, user, hostname, what is reset
+    selinux: SELinux | None = None  # None: the image has no policy, and --selinux is auto
 
     @property
     def supplies_kernel(self) -> bool:
@@ -264,6 +266,10 @@ def decide(report: Report, image: ImageConfig, config: Config) -> Plan:
         raise C2BootError(f"{machine_only[0]} sets up logins of a machine, and {report.name} is run as an "
                           "application image (its command, no logins): drop it")
     plan = decide_kind(report, image, config, app_mode)
+    security = selinux.decide(config.selinux, report.selinux_policy, report.selinux_mode, report.name,
+                              boots_own_init=not app_mode,
+                              installed_fstype=config.rootfs_type if config.layout == "installed" else None)
+    plan = dataclasses.replace(plan, selinux=security)
     return plan if app_mode else dataclasses.replace(plan, access=access.decide(report, config))
 
 

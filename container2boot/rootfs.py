@@ -10,6 +10,7 @@ from typing import Any
 
 from container2boot.bootloader import SIGNED_LOADERS
 from container2boot.errors import C2BootError
+from container2boot.selinux import image_mode
 from container2boot.tree import DPKG_STATUS, Tree
 
 FAMILIES = {"debian": "Debian/Ubuntu", "ubuntu": "Debian/Ubuntu", "fedora": "Fedora", "rhel": "RHEL/Alma/Rocky",
@@ -93,6 +94,7 @@ class Report:
     selinux_policy: str | None
     size_bytes: int
     labels: dict[str, str] = field(default_factory=dict)
+    selinux_mode: str | None = None  # SELINUX= of /etc/selinux/config: enforcing, permissive or disabled
     curl: bool = False  # dracut's livenet downloads the root image with it
     passwd: str = ""  # /etc/passwd and /etc/group: the app's user is looked up there
     group: str = ""
@@ -185,6 +187,7 @@ class Report:
             "initramfs_tools": self.initramfs_tools,
             "secure_boot_loader": self.signed_loader,
             "selinux_policy": self.selinux_policy,
+            "selinux_mode": self.selinux_mode,
             "bootc": self.bootc,
             "sshd": self.sshd,
             "cloud_init": self.cloud_init,
@@ -273,8 +276,10 @@ def find_architecture(tree: Tree) -> str | None:
 
 
 def find_selinux_policy(tree: Tree) -> str | None:
+    """The SELINUXTYPE= of /etc/selinux/config, when that policy is there with the file_contexts it labels by."""
     match = SELINUX_TYPE.search(tree.read_text("etc/selinux/config") or "")
-    if match and tree.is_dir(f"etc/selinux/{match.group(1)}/policy"):
+    if match and tree.is_dir(f"etc/selinux/{match.group(1)}/policy") \
+            and tree.is_file(f"etc/selinux/{match.group(1)}/contexts/files/file_contexts"):
         return match.group(1)
     return None
 
@@ -361,6 +366,7 @@ def examine(tree: Tree, labels: dict[str, str] | None = None, architecture: str 
         initramfs_tools=tree.is_file("usr/sbin/mkinitramfs") or tree.is_file("sbin/mkinitramfs"),
         signed_loader=signed,
         selinux_policy=find_selinux_policy(tree),
+        selinux_mode=image_mode(tree.read_text("etc/selinux/config") or ""),
         size_bytes=tree.size_bytes(),
         labels=dict(labels or {}),
         curl=any(tree.is_file(f"{d}/curl") for d in ("usr/bin", "bin")),

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from container2boot import lifecycle
 from container2boot.errors import C2BootError
@@ -84,13 +85,14 @@ def check_bootable(root_format: str, compression: str, kernel_root: Path, kernel
 
 @contextmanager
 def packing(source: Path, consumer: list[str], extra: Path | None = None, left_out: tuple[str, ...] = (),
-            env: Mapping[str, str] | None = None) -> Iterator[Callable[[], float]]:
+            env: Mapping[str, str] | None = None,
+            label_filter: list[str] | None = None) -> Iterator[Callable[[], float]]:
     """Start packing `source` (a rootfs directory or a tar of one) with `consumer` (pack_command's), in the
     background beside what the caller does next (dracut: the two do not depend on each other); yields the function
     that waits for it, raises as `run()` does and returns how long the packing itself took. Leaving early (an
     error, Ctrl-C) stops it. With `extra` (a directory), its files are added after the rootfs's (directories the
     rootfs has are not repeated), and the rootfs's `left_out` paths (those `extra` replaces, or that are reset) are
-    not packed."""
+    not packed. `label_filter` (selinux.filter_command's) rewrites the tar stream on its way to the packer."""
     with ExitStack() as stack:
         producer: list[str] | None = None
         if extra is not None and not source.is_dir():
@@ -99,23 +101,27 @@ def packing(source: Path, consumer: list[str], extra: Path | None = None, left_o
             producer = stack.enter_context(merged_tar_command(source, extra, left_out))
         elif source.is_dir():
             producer = [*TAR_CREATE, "--directory", str(source), "."]
-        errors = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(2)]
-        tar = None
-        if producer is not None:
-            logger.debug("$ %s |", shlex.join(producer))
-            tar = lifecycle.start_process([require_tool(producer[0]), *producer[1:]], stdout=subprocess.PIPE,
-                                          stderr=errors[0], env=env)
-        logger.debug("$ %s", shlex.join(consumer))
-        try:
-            packer = lifecycle.start_process(consumer,
-                                             stdin=tar.stdout if tar else stack.enter_context(source.open("rb")),
-                                             stdout=errors[1], stderr=errors[1], env=env)
-        except BaseException:
-            if tar is not None:
-                lifecycle.stop_process(tar)
-            raise
-        if tar is not None and tar.stdout is not None:
-            tar.stdout.close()  # the packer's end only: when it fails, tar gets SIGPIPE
+        chain = [command for command in (producer, label_filter) if command is not None]
+        errors = [stack.enter_context(tempfile.TemporaryFile(mode="w+")) for _ in range(len(chain) + 1)]
+        processes: list[subprocess.Popen[bytes]] = []
+        feed: Any = None if producer is not None else stack.enter_context(source.open("rb"))
+
+        def stop_all() -> None:
+            for process in processes:
+                lifecycle.stop_process(process)
+
+        stack.callback(stop_all)
+        for command, output in zip([*chain, consumer], errors, strict=True):
+            last = command is consumer
+            logger.debug("$ %s%s", shlex.join(command), "" if last else " |")
+            process = lifecycle.start_process([require_tool(command[0]), *command[1:]], stdin=feed,
+                                              stdout=output if last else subprocess.PIPE,
+                                              stderr=output, env=env)
+            if processes and feed is not None:
+                feed.close()  # the next one's end only: when it fails, the one before gets SIGPIPE
+            processes.append(process)
+            feed = process.stdout
+        packer = processes[-1]
         started, ended = time.monotonic(), [0.0]
 
         def note_the_end() -> None:  # the packer may be done long before wait() is called
@@ -126,20 +132,21 @@ def packing(source: Path, consumer: list[str], extra: Path | None = None, left_o
         watcher.start()
 
         def wait() -> float:
-            packer_name = Path(consumer[0]).name
-            for process, tool, output in ((packer, packer_name, errors[1]), (tar, "tar", errors[0])):
-                if process is not None and process.wait() not in (0, -signal.SIGPIPE):
+            # In the order of the pipe: the first to fail says why (those after it read a cut stream, those before
+            # it were cut off by SIGPIPE; the Python filters die by it too, see tarmerge.main).
+            for process, command, output in zip(processes, [*chain, consumer], errors, strict=True):
+                if process.wait() not in (0, -signal.SIGPIPE) or (process is packer and process.returncode != 0):
                     output.seek(0)
-                    raise C2BootError(failure_message(tool, process.returncode, output.read()))
+                    raise C2BootError(failure_message(tool_name(command), process.returncode, output.read()))
             watcher.join()
             return ended[0] - started
 
-        try:
-            yield wait
-        finally:
-            for process in (packer, tar):
-                if process is not None:
-                    lifecycle.stop_process(process)
+        yield wait
+
+
+def tool_name(command: list[str]) -> str:
+    """What an error calls a command: the tool, or the container2boot module a Python command runs."""
+    return command[2].rpartition(".")[2] if command[1:2] == ["-m"] else Path(command[0]).name
 
 
 @contextmanager

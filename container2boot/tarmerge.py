@@ -7,6 +7,7 @@ tar, not from its unpacked copy, whose owners and setuid bits are the unpacking 
 """
 
 import os
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -47,6 +48,7 @@ def left(path: str, left_out: set[str]) -> bool:
 
 
 def main() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a packer that failed ends this quietly, as it would tar
     source, extra, listing = (Path(arg) for arg in sys.argv[1:4])
     left_out = {normal(p) for p in listing.read_text().split("\0") if p}
     with tarfile.open(fileobj=sys.stdout.buffer, mode="w|", format=tarfile.PAX_FORMAT) as out:

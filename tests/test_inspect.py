@@ -103,8 +103,12 @@ def test_secure_boot_selinux_and_bootc(tmp_path: Path) -> None:
         (root / path).write_bytes(b"MZ")
     (root / "etc/selinux/targeted/policy").mkdir(parents=True)
     (root / "etc/selinux/config").write_text("SELINUX=enforcing\nSELINUXTYPE=targeted\n")
+    assert examine(Tree.from_directory(root)).selinux_policy is None, "no file_contexts: nothing to label from"
+    (root / "etc/selinux/targeted/contexts/files").mkdir(parents=True)
+    (root / "etc/selinux/targeted/contexts/files/file_contexts").write_text("/.* system_u:object_r:etc_t:s0\n")
     report = examine(Tree.from_directory(root), labels={"containers.bootc": "1"})
-    assert (report.signed_loader, report.selinux_policy, report.bootc) == ("debian", "targeted", True)
+    assert (report.signed_loader, report.selinux_policy, report.selinux_mode, report.bootc) == \
+        ("debian", "targeted", "enforcing", True)
 
 
 def test_cli_inspect_directory_tar_and_json(tmp_path: Path) -> None:
