@@ -117,9 +117,9 @@ def packing(source: Path, consumer: list[str], extra: Path | None = None, left_o
             process = lifecycle.start_process([require_tool(command[0]), *command[1:]], stdin=feed,
                                               stdout=output if last else subprocess.PIPE,
                                               stderr=output, env=env)
-            if processes and feed is not None:
+            processes.append(process)  # stopped on the way out, whatever happens next
+            if len(processes) > 1 and feed is not None:
                 feed.close()  # the next one's end only: when it fails, the one before gets SIGPIPE
-            processes.append(process)
             feed = process.stdout
         packer = processes[-1]
         started, ended = time.monotonic(), [0.0]

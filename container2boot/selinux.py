@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING
 from container2boot.config import SELINUX_SETTINGS
 from container2boot.disk import read_table
 from container2boot.errors import C2BootError
-from container2boot.layers import normal
+from container2boot.layers import header, normal
 from container2boot.log import logger
 from container2boot.run import run
 from container2boot.templates import render_to
@@ -125,6 +125,10 @@ def decide(setting: str, policy: str | None, mode: str | None, name: str, *, boo
             if policy is None else "drop --app"
         raise C2BootError(f"--selinux {setting}: {name} {why}: {fix}, or use --selinux auto or off")
     unlabelled = installed_fstype is not None and installed_fstype not in LABELLED_ROOTS
+    if mode == "disabled" and setting != "auto":
+        raise C2BootError(f"--selinux {setting}: {name}'s /etc/selinux/config says SELINUX=disabled, and then no "
+                          "policy is loaded whatever the kernel is told: set SELINUX=enforcing or permissive in the "
+                          "image, or use --selinux auto or off")
     if unlabelled and setting != "auto":
         raise C2BootError(f"--selinux {setting}: a {installed_fstype} root partition cannot be labelled without "
                           f"privileges: use --rootfs-type {' or '.join(LABELLED_ROOTS)}, or --selinux auto (the "
@@ -207,13 +211,15 @@ def label_tar(source: IO[bytes], dest: IO[bytes], found: Labels) -> None:
     with tarfile.open(fileobj=source, mode="r|") as tar, \
             tarfile.open(fileobj=dest, mode="w|", format=tarfile.PAX_FORMAT) as out:
         for info in tar:
-            path = "/" + normal(info.name)
-            label = found.lookup(path, TAR_TYPES.get(info.type, stat.S_IFREG))
-            headers = {k: v for k, v in info.pax_headers.items() if k != PAX_LABEL}
+            # header(): a sparse file's records go (tarfile reads it whole); a hard link's inode is its target's
+            copy = header(info, info.name)
+            headers = {k: v for k, v in copy.pax_headers.items() if k != PAX_LABEL}
+            label = None if info.islnk() else found.lookup("/" + normal(info.name),
+                                                             TAR_TYPES.get(info.type, stat.S_IFREG))
             if label is not None:
                 headers[PAX_LABEL] = label
-            info.pax_headers = headers
-            out.addfile(info, tar.extractfile(info) if info.isreg() else None)
+            copy.pax_headers = headers
+            out.addfile(copy, tar.extractfile(info) if info.isreg() else None)
 
 
 def filter_command(contexts: Path) -> list[str]:
@@ -272,8 +278,8 @@ def ext4_types(device: str, scratch: Path) -> dict[str, int]:
                 directory = next(directories).rstrip("/")
             elif entry := LS_ENTRY.match(line):
                 name, mode = entry.group(2), int(entry.group(1), 8)
-                if name in (".", "..") or "\n" in name:
-                    continue
+                if name in ("", ".", "..") or not stat.S_IFMT(mode):
+                    continue  # an empty slot (lost+found has them), or the directory itself
                 types[f"{directory}/{name}"] = stat.S_IFMT(mode)
                 if stat.S_ISDIR(mode):
                     below.append(f"{directory}/{name}")
