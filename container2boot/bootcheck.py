@@ -5,6 +5,7 @@ once the default target is reached, waits for the startup to finish and writes t
 and systemd's boot timestamps to a second serial port that only the host reads. systemd 256 and newer take the
 unit itself as a credential; 252-255 get it through `tmpfiles.extra`, which systemd-tmpfiles already reads in the
 initrd: it writes the unit to /run/systemd/system, which the booted system loads after the switch to its root.
+Only the form the image's systemd takes is sent: systemd before 257 reads one page (4 KiB) of all the credentials.
 The console (first serial port) is kept for the failure report (kernel panics, emergency mode, firmware refusals),
 and is the whole verdict for an init that is not systemd or a systemd older than 252: a login prompt reached, no
 panic, no emergency shell.
@@ -22,8 +23,9 @@ from container2boot import lifecycle, qemu
 from container2boot.config import Config
 from container2boot.log import logger
 from container2boot.templates import render
-from container2boot.vm import CREDENTIALS_SYSTEMD, Built, machine
+from container2boot.vm import CREDENTIALS_SYSTEMD, Built, check_credentials_fit, machine
 
+UNIT_CREDENTIAL_SYSTEMD = 256  # takes a unit (systemd.extra-unit.*) and a drop-in as credentials
 REPORT_UNIT = "c2boot-report.service"
 REPORT_PORT = "/dev/ttyS1"
 REPORT_MARKER = "c2boot-report-begin"  # OVMF and GRUB write to every serial port: the report starts after this
@@ -101,16 +103,20 @@ def report_unit() -> bytes:
                   manager_properties=MANAGER_PROPERTIES, avc_shown=AVC_SHOWN).encode()
 
 
-def report_credentials() -> dict[str, bytes]:
-    """The unit and what pulls it into the boot: for systemd 256+, the unit and a drop-in (systemd-debug-generator
-    reads both credentials); for 252-255, tmpfiles lines that write the unit and its wants link under /run."""
+def report_credentials(systemd_version: int | None) -> dict[str, bytes]:
+    """The unit and what pulls it into the boot, in the form the image's systemd takes (both when it is not known):
+    for 256+, the unit and a drop-in (systemd-debug-generator reads both credentials); for 252-255, tmpfiles lines
+    that write the unit and its wants link under /run. One form only, as systemd before 257 reads just one page of
+    all the credentials."""
     unit = report_unit()
-    return {
-        f"systemd.extra-unit.{REPORT_UNIT}": unit,
-        "systemd.unit-dropin.basic.target~c2boot-report": f"[Unit]\nWants={REPORT_UNIT}\n".encode(),
-        "tmpfiles.extra": render("report.tmpfiles.j2", unit=REPORT_UNIT,
-                                 unit_base64=base64.b64encode(unit).decode()).encode(),
-    }
+    credentials = {}
+    if systemd_version is None or systemd_version >= UNIT_CREDENTIAL_SYSTEMD:
+        credentials[f"systemd.extra-unit.{REPORT_UNIT}"] = unit
+        credentials["systemd.unit-dropin.basic.target~c2boot-report"] = f"[Unit]\nWants={REPORT_UNIT}\n".encode()
+    if systemd_version is None or systemd_version < UNIT_CREDENTIAL_SYSTEMD:
+        credentials["tmpfiles.extra"] = render("report.tmpfiles.j2", unit=REPORT_UNIT,
+                                               unit_base64=base64.b64encode(unit).decode()).encode()
+    return credentials
 
 
 def parse_report(text: str) -> dict[str, Any]:
@@ -229,7 +235,7 @@ def test(target: Path, config: Config) -> BootReport:
         logger.info("==> Testing that %s boots (%s, %s firmware; up to %d s; %s)", built.what(boot), boot,
                     config.firmware, config.timeout, how)
         return check_boot(vm, boot=boot, image=str(built.what(boot)), timeout=config.timeout, kind=kind,
-                          console_copy=config.console_log)
+                          systemd_version=built.systemd_version, console_copy=config.console_log)
 
 
 def verdict_kind(built: Built) -> str:
@@ -244,17 +250,19 @@ def verdict_kind(built: Built) -> str:
         else "console"
 
 
-def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float,
-               kind: str = "report", console_copy: Path | None = None) -> BootReport:
+def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float, kind: str = "report",
+               systemd_version: int | None = None, console_copy: Path | None = None) -> BootReport:
     """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up:
     from its report, or with `kind` "console" from a login prompt on its console. The whole console is also
-    written to `console_copy`."""
+    written to `console_copy`. The report unit goes in the form `systemd_version` takes (both when not known)."""
+    credentials = qemu.merge_credentials(vm.credentials, report_credentials(systemd_version))
+    check_credentials_fit(credentials, systemd_version)
     with lifecycle.temporary_directory("c2boot-test-") as tmp:
         console_log, report_log = tmp / "console.log", tmp / "report.log"
         console_log.touch()
         report_log.touch()
         vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"],
-                          credentials=qemu.merge_credentials(vm.credentials, report_credentials()), reboot=False)
+                                 credentials=credentials, reboot=False)
         accelerator = qemu.accelerator()
         report = BootReport(ok=False, verdict="", boot=boot, verdict_kind=kind, firmware=vm.firmware,
                             accelerator=accelerator.split(",")[0], image=image)

@@ -144,6 +144,17 @@ def merge_credentials(*sets: Mapping[str, bytes]) -> dict[str, bytes]:
     return merged
 
 
+def smbios_string(name: str, value: bytes) -> bytes:
+    """A credential as systemd reads it from an SMBIOS type 11 (OEM strings) entry."""
+    return f"io.systemd.credential.binary:{name}=".encode() + base64.b64encode(value)
+
+
+def smbios_size(credentials: Mapping[str, bytes]) -> int:
+    """Bytes of the one type 11 entry QEMU makes of all the credentials: a 5-byte header, each string with its NUL,
+    and the NUL that ends the set."""
+    return 5 + sum(len(smbios_string(name, value)) + 1 for name, value in credentials.items()) + 1
+
+
 def disk_format(disk: Path) -> str:
     return DISK_FORMATS.get(disk.suffix, "raw")
 
@@ -204,7 +215,7 @@ def qemu_command(vm: VirtualMachine, scratch: Path) -> list[str]:
     for index, (name, value) in enumerate(vm.credentials.items()):
         # A file each, so that commas and long values need no escaping on QEMU's command line.
         credential = scratch / f"credential-{index}"
-        credential.write_bytes(f"io.systemd.credential.binary:{name}=".encode() + base64.b64encode(value))
+        credential.write_bytes(smbios_string(name, value))
         argv += ["-smbios", f"type=11,path={credential}"]
     if vm.firmware in ("uefi", "secure-boot"):
         code, variables = find_ovmf(secure_boot=vm.firmware == "secure-boot")

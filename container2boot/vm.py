@@ -3,7 +3,7 @@ settings become one qemu.VirtualMachine; a network boot also gets its HTTP serve
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +15,17 @@ from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.output import MANIFEST
-from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine, check_disk_image
+from container2boot.qemu import GUEST_HOST_ADDRESS, VirtualMachine, check_disk_image, smbios_size
 from container2boot.templates import render
 
 # The systemd that reads SMBIOS credentials, ssh.authorized_keys.root and tmpfiles.extra (in the initrd too), and the
 # one that also takes system.hostname.
 CREDENTIALS_SYSTEMD = 252
 HOSTNAME_CREDENTIAL_SYSTEMD = 254
+# systemd before 257 reads one page of the SMBIOS entry that holds every credential (measured on bookworm's 252: a
+# credential that crosses byte 4096 is cut, "Failed to base64 decode credential ...: Broken pipe"; systemd's PR 33539).
+WHOLE_SMBIOS_SYSTEMD = 257
+SMBIOS_PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,15 @@ def boot_credentials(config: Config, root_keys: Sequence[str] = ()) -> dict[str,
     return credentials
 
 
+def check_credentials_fit(credentials: Mapping[str, bytes], systemd_version: int | None) -> None:
+    """Refuse credentials that an older systemd would read only in part, losing what comes after its first page."""
+    size = smbios_size(credentials)
+    if systemd_version is not None and systemd_version < WHOLE_SMBIOS_SYSTEMD and size > SMBIOS_PAGE:
+        raise C2BootError(f"the credentials given at boot take {size} bytes, but systemd {systemd_version} reads only "
+                          f"the first {SMBIOS_PAGE} (systemd {WHOLE_SMBIOS_SYSTEMD} reads them all): give fewer or "
+                          "shorter --ssh-key files, or build the keys into the image (`c2boot build --ssh-key`)")
+
+
 def boot_features_missing(built: Built, config: Config) -> list[str]:
     """Boot-time access the build's systemd cannot take (from the manifest's record of the image)."""
     if not built.image:
@@ -151,6 +164,7 @@ def machine(target: Path, config: Config, root_keys: Sequence[str] = ()) -> Iter
     for missing in boot_features_missing(built, config):
         logger.warning("    warning: %s: %s has %s", missing, built.out, built.init)
     credentials = boot_credentials(config, root_keys)
+    check_credentials_fit(credentials, built.systemd_version)
     user_data = seed.read_user_data(config.cloud_init) if config.cloud_init is not None else None
     with lifecycle.temporary_directory("c2boot-seed-") as tmp:
         seed_volume = None

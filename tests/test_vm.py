@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from container2boot import bootcheck, formats, netboot, vm
+from container2boot import bootcheck, formats, netboot, qemu, vm
 from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.qemu import VirtualMachine, qemu_command
@@ -117,8 +117,30 @@ def test_report_unit_escapes_dollars_for_systemd_and_is_pulled_in_after_the_defa
     assert "StandardOutput=file:/dev/ttyS1" in unit
     assert "$$(systemctl is-system-running --wait)" in unit and " $up" not in unit
     assert "FinishTimestampMonotonic" in unit
-    dropin = bootcheck.report_credentials()["systemd.unit-dropin.basic.target~c2boot-report"].decode()
+    dropin = bootcheck.report_credentials(None)["systemd.unit-dropin.basic.target~c2boot-report"].decode()
     assert dropin == "[Unit]\nWants=c2boot-report.service\n"
+
+
+@pytest.mark.parametrize(("systemd", "names"), [
+    (252, {"tmpfiles.extra"}),
+    (255, {"tmpfiles.extra"}),
+    (256, {"systemd.extra-unit.c2boot-report.service", "systemd.unit-dropin.basic.target~c2boot-report"}),
+    (None, {"tmpfiles.extra", "systemd.extra-unit.c2boot-report.service",
+            "systemd.unit-dropin.basic.target~c2boot-report"}),
+])
+def test_the_report_goes_only_in_the_form_the_images_systemd_takes(systemd: int | None, names: set[str]) -> None:
+    credentials = bootcheck.report_credentials(systemd)
+    assert set(credentials) == names
+    vm.check_credentials_fit(credentials, systemd)  # systemd 252-256 read one page of them: the report fits
+
+
+def test_credentials_beyond_the_first_page_are_refused_for_a_systemd_that_would_cut_them() -> None:
+    keys = {"ssh.authorized_keys.root": b"ssh-ed25519 " + b"A" * 3100 + b"\n"}
+    assert qemu.smbios_size(keys) > vm.SMBIOS_PAGE
+    with pytest.raises(C2BootError, match="systemd 252 reads only the first 4096"):
+        vm.check_credentials_fit(keys, 252)
+    vm.check_credentials_fit(keys, 257)  # reads the whole entry
+    vm.check_credentials_fit(keys, None)  # not known: nothing to hold against it
 
 
 def test_a_running_system_passes_with_timings() -> None:
