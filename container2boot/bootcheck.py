@@ -21,6 +21,7 @@ from typing import Any
 
 from container2boot import lifecycle, qemu
 from container2boot.config import Config
+from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.templates import render
 from container2boot.vm import CREDENTIALS_SYSTEMD, Built, check_credentials_fit, machine
@@ -226,8 +227,16 @@ def app_exit_status(report_port: str) -> int | None:
     return int(value) if value is not None and value.lstrip("-").isdigit() else None
 
 
+def check_console_log(path: Path | None) -> None:
+    """--console-log's directory must be there before a boot (or a build) that ends by writing to it."""
+    if path is not None and not path.expanduser().absolute().parent.is_dir():
+        raise C2BootError(f"--console-log {path}: its directory does not exist: create it, or name a file in an "
+                          "existing directory")
+
+
 def test(target: Path, config: Config) -> BootReport:
     """`c2boot test`: boot a build's output directory or disk image as `config` says, and report."""
+    check_console_log(config.console_log)
     with machine(target, config) as (vm, boot, built):
         kind = verdict_kind(built)
         how = "its systemd reports" if kind == "report" else \

@@ -116,7 +116,7 @@ def build_disk(esp: Path, dest: Path, scratch: Path, same: Reproducible, *, tabl
     run([
         "systemd-repart", f"--definitions={definitions}", "--empty=create", f"--size={size or 'auto'}",
         "--offline=yes", "--sector-size=512", "--dry-run=no", f"--seed={same.seed}", "--no-pager", dest,
-    ], env=same.environment())
+    ], env=same.environment(), follow=True)
     if table == "mbr":
         convert_to_mbr(dest, same.mbr_label_id())
     return esp_bytes

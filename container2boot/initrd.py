@@ -138,7 +138,7 @@ def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, st
             "sh", "-c", SANDBOX_SCRIPT, "c2boot-initrd", job.dracut_root.absolute(), scratch.absolute(),
             dest.absolute(), job.kernel_modules.absolute() if job.kernel_modules else "",
             listing.absolute() if listing else "", *dracut,
-        ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)")
+        ], env=env, name=f"dracut (of {job.dracut_root}, in a user namespace)", follow=True)
     except C2BootError as e:
         if SANDBOX_REFUSED.search(str(e)):
             raise C2BootError(f"{e}: this container may not make the user namespace dracut runs in, or mount or "

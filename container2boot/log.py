@@ -8,6 +8,7 @@ the time of day it started.
 """
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ from rich.text import Text
 logger = logging.getLogger("container2boot")
 STAGE_PREFIX = "==> "  # a stage's line: in the rootbuilder's output, the step the host shows it at
 DONE_PREFIX = "==> Done: "  # the last line of a build; the host drops the rootbuilder's (it names the container's /out)
+TOOL_PREFIX = "  | "  # a long tool's own output line: shown beside the running stage on a terminal, not logged
+TOOL_LINES_ENV = "C2BOOT_TOOL_LINES"  # set by a host that shows the rootbuilder's stages live: pass tool lines on
 
 
 class CurrentStderr(logging.Handler):
@@ -79,9 +82,31 @@ class StageProgress:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, done)
 
+    @property
+    def live(self) -> bool:
+        return self._progress is not None
+
     def now(self, what: str) -> None:
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, now=what)
+            self._progress.update(self._task, now=what[:NOW_WIDTH])
+
+
+NOW_WIDTH = 70  # what a stage does now is cut to this, so that the display stays one line
+_live_stage: list[StageProgress] = []  # the stage shown live in this process, if any
+
+
+def tool_line(line: str) -> None:
+    """A line of a long tool's output (see run's `follow`): beside the live stage on this terminal, or passed on to
+    the host that shows the rootbuilder's stages live; otherwise only in the --verbose log."""
+    line = line.strip()
+    if not line:
+        return
+    logger.debug("    | %s", line)
+    if _live_stage:
+        _live_stage[-1].now(line)
+    elif os.environ.get(TOOL_LINES_ENV) and not logger.isEnabledFor(logging.DEBUG):
+        sys.stderr.write(f"{TOOL_PREFIX}{line}\n")
+        sys.stderr.flush()
 
 
 class StageTimer:
@@ -105,7 +130,12 @@ class StageTimer:
                               _WhenSized(DownloadColumn()), TimeElapsedColumn(),
                               TextColumn("{task.fields[now]}", markup=False, style="dim"), console=console,
                               transient=True, redirect_stderr=True) as progress:
-                    yield StageProgress(progress, progress.add_task(what, total=None, now=""))
+                    shown = StageProgress(progress, progress.add_task(what, total=None, now=""))
+                    _live_stage.append(shown)
+                    try:
+                        yield shown
+                    finally:
+                        _live_stage.remove(shown)
             else:
                 logger.info("%s%s  [%s]", STAGE_PREFIX, what, time.strftime("%H:%M:%S"))
                 yield StageProgress()

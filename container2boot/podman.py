@@ -29,7 +29,15 @@ from container2boot.access import parse_secret
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
 from container2boot.errors import ERROR_PREFIX, C2BootError
-from container2boot.log import DONE_PREFIX, STAGE_PREFIX, StageProgress, StageTimer, logger
+from container2boot.log import (
+    DONE_PREFIX,
+    STAGE_PREFIX,
+    TOOL_LINES_ENV,
+    TOOL_PREFIX,
+    StageProgress,
+    StageTimer,
+    logger,
+)
 from container2boot.plan import ImageConfig
 from container2boot.reproducible import default_source_date, image_created
 from container2boot.rootfs import Report, examine
@@ -504,13 +512,14 @@ class Session:
                 environment={"C2BOOT_SOURCE_IMAGE": image.reference, "C2BOOT_SOURCE_DIGEST": image.digest or "",
                              "C2BOOT_SOURCE_ID": image.image_id, "C2BOOT_IMAGE_CONFIG": config.image_config,
                              "C2BOOT_KERNEL_IMAGE": kernel_image or "", "XDG_CACHE_HOME": CONTAINER_CACHE_HOME,
-                             "SOURCE_DATE_EPOCH": image.source_date(config.source)},
+                             "SOURCE_DATE_EPOCH": image.source_date(config.source),
+                             **({TOOL_LINES_ENV: "1"} if progress is not None and progress.live else {})},
                 labels={"io.container2boot.role": "assemble", **lifecycle.current().container_labels()},
             )
         except APIError as e:
             raise C2BootError(f"podman cannot use {staging.parent} for the outputs ({_api_reason(e)}): choose an "
                               "--output on a local filesystem that podman can see") from None
-        error = ""
+        error, step = "", ""
         try:
             try:
                 container.start()
@@ -520,10 +529,14 @@ class Session:
                             error = line.removeprefix(ERROR_PREFIX)  # the host reports it, once
                         elif line.startswith(DONE_PREFIX):
                             continue  # its /out is not where the outputs end up: the host says where
+                        elif line.startswith(TOOL_PREFIX):
+                            if progress is not None:  # only a live host asks for these
+                                progress.now(f"{step}: {line.removeprefix(TOOL_PREFIX)}")
                         elif line.strip():
                             logger.info("%s", line)
                             if progress is not None and line.startswith(STAGE_PREFIX):
-                                progress.now(line.removeprefix(STAGE_PREFIX).partition("  [")[0])
+                                step = line.removeprefix(STAGE_PREFIX).partition("  [")[0]
+                                progress.now(step)
                 status = container.wait()
             except APIError as e:
                 raise C2BootError(f"podman could not run the rootbuilder container: {_api_reason(e)} "

@@ -4,12 +4,13 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections import deque
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
 from container2boot.errors import C2BootError
-from container2boot.log import logger
+from container2boot.log import logger, tool_line
 
 # Oldest versions that do what we ask of them. systemd-repart gained --offline (building without loop devices,
 # as a normal user) in 254.
@@ -82,13 +83,15 @@ def run(
     name: str | None = None,
     check: bool = True,
     interactive: bool = False,
+    follow: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run a tool, log its command line, and turn a failure into an error naming the tool and its last output.
 
     Output is captured (and shown only on failure, or with --verbose) unless `stdout` redirects it;
     `capture` keeps stdout in the result for the caller; `input` is text fed to the tool's stdin; `name` is what
     errors call the tool when argv[0] is only a wrapper around it; with `check` False the caller judges the exit
-    status; `interactive` gives the tool this terminal (stdin, stdout and stderr), as `c2boot ssh` does.
+    status; `interactive` gives the tool this terminal (stdin, stdout and stderr), as `c2boot ssh` does;
+    `follow` shows each line the tool writes beside the running stage as it comes (a long tool: dracut, repart).
     """
     args = [str(a) for a in argv]
     tool = name or Path(args[0]).name
@@ -99,25 +102,58 @@ def run(
             return subprocess.run(args, env=None if env is None else dict(env), cwd=cwd, check=False, text=True)
         except OSError as e:
             raise C2BootError(f"{tool} could not be started: {e}") from e
+    if follow:
+        assert not capture and input is None and stdout is None, "a followed tool's output is its progress"
+        result = _followed(args, tool, stdin=stdin, env=env, cwd=cwd)
+    else:
+        result = _captured(args, tool, stdin=stdin, input=input, stdout=subprocess.PIPE if capture or stdout is None
+                           else stdout, env=env, cwd=cwd)
+    if check and result.returncode != 0:
+        raise C2BootError(failure_message(tool, result.returncode, (result.stdout or "") + (result.stderr or "")))
+    if not capture and result.stdout and not follow:
+        logger.debug("%s", result.stdout.rstrip())
+    return result
+
+
+def _captured(args: list[str], tool: str, *, stdin: int | None, input: str | None, stdout: int,
+              env: Mapping[str, str] | None, cwd: Path | None) -> subprocess.CompletedProcess[str]:
     try:
-        result = subprocess.run(
+        return subprocess.run(
             args,
             stdin=stdin,
             input=input,
-            stdout=subprocess.PIPE if capture or stdout is None else stdout,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
+            errors="surrogateescape",  # file names are bytes: a listing of them must not fail on a non-UTF-8 one
             env=None if env is None else dict(env),
             cwd=cwd,
             check=False,
         )
     except OSError as e:
         raise C2BootError(f"{tool} could not be started: {e}") from e
-    if check and result.returncode != 0:
-        raise C2BootError(failure_message(tool, result.returncode, (result.stdout or "") + (result.stderr or "")))
-    if not capture and result.stdout:
-        logger.debug("%s", result.stdout.rstrip())
-    return result
+
+
+def _followed(args: list[str], tool: str, *, stdin: int | None, env: Mapping[str, str] | None,
+              cwd: Path | None) -> subprocess.CompletedProcess[str]:
+    """Run with stdout and stderr as one stream, each line shown as it comes (log.tool_line), the last ones kept
+    for the error message."""
+    try:
+        process = subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   errors="surrogateescape", env=None if env is None else dict(env), cwd=cwd)
+    except OSError as e:
+        raise C2BootError(f"{tool} could not be started: {e}") from e
+    tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
+    with process:  # closes the pipe and waits for the tool, however this ends
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                tail.append(line)
+                tool_line(line)
+        except BaseException:  # Ctrl-C, a signal: the tool goes with us
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, "".join(tail), "")
 
 
 def failure_message(tool: str, returncode: int, output: str) -> str:

@@ -138,14 +138,12 @@ def decide(setting: str, policy: str | None, mode: str | None, name: str, *, boo
 
 def copy_contexts(tree: "Tree", selinux: SELinux, dest: Path) -> Path:
     """The image's file_contexts and its companions (home directories, local changes, path substitutions), copied
-    from the directory `tree` to `dest` for the lookup (once: the live and the installed root share it); returns
-    the file_contexts' copy."""
-    if not dest.is_dir():
-        dest.mkdir(parents=True)
-        directory = posixpath.dirname(selinux.file_contexts)
-        for name in CONTEXT_FILES:
-            if tree.is_file(f"{directory}/{name}"):
-                shutil.copyfile(tree.real_path(f"{directory}/{name}"), dest / name)
+    from the directory `tree` to the new directory `dest` for the lookup; returns the file_contexts' copy."""
+    dest.mkdir(parents=True)
+    directory = posixpath.dirname(selinux.file_contexts)
+    for name in CONTEXT_FILES:
+        if tree.is_file(f"{directory}/{name}"):
+            shutil.copyfile(tree.real_path(f"{directory}/{name}"), dest / name)
     return dest / "file_contexts"
 
 
@@ -289,12 +287,11 @@ def ext4_types(device: str, scratch: Path) -> dict[str, int]:
 
 
 def debugfs_script(types: dict[str, int], found: Labels) -> str:
-    """debugfs commands setting each path's label (quoted as debugfs' parser reads: "" is a quote). A name with a
-    line break cannot be written in its script: it keeps no label (the file system's default applies)."""
+    """debugfs commands setting each path's label (quoted as debugfs' parser reads: "" is a quote)."""
     lines = []
     for path in sorted(types):
         label = found.lookup(path, types[path])
-        if label is not None and "\n" not in path:
+        if label is not None:
             lines.append(f"ea_set {quoted(path)} {XATTR} {label}\n")
     return "".join(lines)
 

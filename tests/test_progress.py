@@ -10,14 +10,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from container2boot.cli import build_result_json, build_summary
+from container2boot.errors import C2BootError
+from container2boot.log import TOOL_LINES_ENV, TOOL_PREFIX
 from container2boot.pipeline import BuildResult
+from container2boot.run import run
 
 STAGES = """
 import sys, time
 from container2boot.log import StageTimer, logger, setup_logging
+from container2boot.run import run
 setup_logging(False, quiet=sys.argv[1] == "quiet")
 timer = StageTimer()
+with timer.stage("repart", "Assembling the disk"):
+    run(["sh", "-c", "echo 'tool: first step'; sleep 0.8; echo 'tool: second step' >&2; sleep 0.8"], follow=True)
 with timer.stage("initrd", "Building the initrd"):
     logger.info("    a line from inside the stage")
     time.sleep(2.2)
@@ -60,6 +68,9 @@ def on_a_terminal(*args: str) -> str:
 def test_on_a_terminal_a_stage_shows_its_elapsed_time_and_ends_with_it() -> None:
     screen = on_a_terminal("normal")
     assert "0:00:01" in screen or "0:00:02" in screen, "no live elapsed time"
+    assert re.search(r"==> Assembling the disk .*tool: first step", screen), "the tool's line is not shown"
+    assert re.search(r"==> Assembling the disk .*tool: second step", screen)
+    assert re.search(r"==> Assembling the disk \(1\.\d s\)", screen)
     assert re.search(r"==> Building the initrd \(2\.\d s\)", screen)
     assert "    a line from inside the stage" in screen  # printed above the live line
     assert re.search(r"==> Packing the root image \(0\.\d s\)", screen)
@@ -71,10 +82,23 @@ def test_on_a_terminal_a_stage_shows_its_elapsed_time_and_ends_with_it() -> None
 def test_elsewhere_each_stage_is_one_plain_line_with_its_time_of_day() -> None:
     result = subprocess.run([sys.executable, "-c", STAGES, "normal"], capture_output=True, text=True, check=True)
     lines = result.stderr.splitlines()
+    assert lines.pop(0).startswith("==> Assembling the disk  [")  # the tool's lines are not in the log
     assert re.fullmatch(r"==> Building the initrd  \[\d\d:\d\d:\d\d\]", lines[0])
     assert lines[1] == "    a line from inside the stage" and lines[2].startswith("==> Packing the root image  [")
     assert lines[3].startswith("==> Reading the image  [") and len(lines) == 4  # no bar, no bytes
     assert "\x1b" not in result.stderr
+
+
+def test_in_the_rootbuilder_of_a_live_host_the_tools_lines_are_passed_on() -> None:
+    result = subprocess.run([sys.executable, "-c", STAGES, "normal"], capture_output=True, text=True, check=True,
+                            env={**os.environ, TOOL_LINES_ENV: "1"})
+    lines = result.stderr.splitlines()
+    assert lines[:3] == [lines[0], f"{TOOL_PREFIX}tool: first step", f"{TOOL_PREFIX}tool: second step"]
+
+
+def test_a_followed_tool_that_fails_says_its_last_line() -> None:
+    with pytest.raises(C2BootError, match=r"^sh failed \(exit 3\): the reason$"):
+        run(["sh", "-c", "echo working; echo 'the reason' >&2; exit 3"], follow=True)
 
 
 def test_quiet_prints_nothing_but_warnings() -> None:

@@ -146,6 +146,7 @@ def test_the_ext4_partition_is_labelled_in_place(contexts: Path, tmp_path: Path)
     (tree / "etc/shadow").write_text("root:*:1::::::\n")
     (tree / "home/demo/with space").mkdir(parents=True)
     (tree / 'home/demo/with space/q"uote').write_text("x")
+    (tree / os.fsdecode(b"home/demo/caf\xe9")).write_text("a name that is not UTF-8")
     (tree / "bin").symlink_to("usr/bin")
     (tree / "etc/fstab").write_text("# new\n")
     partition = tmp_path / "part.img"
@@ -159,12 +160,12 @@ def test_the_ext4_partition_is_labelled_in_place(contexts: Path, tmp_path: Path)
         f.seek(offset)
         f.write(partition.read_bytes())
     count = selinux.label_partition(disk, offset, contexts, tmp_path)
-    assert count == 10, "every path of the file system (lost+found too) has a label in this policy"
+    assert count == 11, "every path of the file system (lost+found too) has a label in this policy"
 
     def label(path: str) -> str:
         quoted = '"' + path.replace('"', '""') + '"'
         result = subprocess.run(["debugfs", "-R", f"ea_get {quoted} security.selinux", f"{disk}?offset={offset}"],
-                                capture_output=True, text=True, check=True)
+                                capture_output=True, text=True, errors="surrogateescape", check=True)
         return result.stdout.strip().partition(" = ")[2].strip('"')
 
     assert label("/etc/shadow") == LABEL.format("shadow")
@@ -172,6 +173,7 @@ def test_the_ext4_partition_is_labelled_in_place(contexts: Path, tmp_path: Path)
     assert label("/lost+found") == LABEL.format("lost_found")
     assert label('/home/demo/with space/q"uote') == "unconfined_u:object_r:user_home_t:s0"
     assert label("/bin") == LABEL.format("bin")
+    assert label(os.fsdecode(b"/home/demo/caf\xe9")) == "unconfined_u:object_r:user_home_t:s0"
 
 
 def test_what_debugfs_cannot_do_is_an_error(contexts: Path, tmp_path: Path) -> None:

@@ -235,6 +235,14 @@ def test_a_build_without_bios_or_signed_loader_is_refused_for_that_firmware(tmp_
         vm.locate(tmp_path / "nothing")
 
 
+def test_a_console_log_in_a_missing_directory_is_refused_before_the_boot_or_the_build(tmp_path: Path) -> None:
+    out = fake_out(tmp_path, {"firmware": ["uefi"], "bootloader": "grub (unsigned)"})
+    for args in (("test", out), ("build", "--image", "localhost/none:1", "--test", "-o", tmp_path / "new")):
+        result = c2boot(*args, "--console-log", tmp_path / "missing" / "console.log", check=False)
+        assert result.returncode != 0 and "its directory does not exist" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_direct_boot_appends_to_the_built_kernel_arguments(tmp_path: Path) -> None:
     out = fake_out(tmp_path, {"firmware": ["uefi"], "bootloader": "grub (unsigned)"})
     with vm.machine(out / "disk.img", Config(direct=True, append="systemd.unit=rescue.target")) as (machine, how, _):
