@@ -5,7 +5,7 @@ once the default target is reached, waits for the startup to finish and writes t
 and systemd's boot timestamps to a second serial port that only the host reads. systemd 256 and newer take the
 unit itself as a credential; 252-255 get it through `tmpfiles.extra`, which systemd-tmpfiles already reads in the
 initrd: it writes the unit to /run/systemd/system, which the booted system loads after the switch to its root.
-Only the form the image's systemd takes is sent: systemd before 257 reads one page (4 KiB) of all the credentials.
+systemd before 257 reads one page (4 KiB) of all the credentials: 252-256 get only the form they take.
 The console (first serial port) is kept for the failure report (kernel panics, emergency mode, firmware refusals),
 and is the whole verdict for an init that is not systemd or a systemd older than 252: a login prompt reached, no
 panic, no emergency shell.
@@ -24,7 +24,7 @@ from container2boot.config import Config
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.templates import render
-from container2boot.vm import CREDENTIALS_SYSTEMD, Built, check_credentials_fit, machine
+from container2boot.vm import CREDENTIALS_SYSTEMD, WHOLE_SMBIOS_SYSTEMD, Built, check_credentials_fit, machine
 
 UNIT_CREDENTIAL_SYSTEMD = 256  # takes a unit (systemd.extra-unit.*) and a drop-in as credentials
 REPORT_UNIT = "c2boot-report.service"
@@ -105,16 +105,17 @@ def report_unit() -> bytes:
 
 
 def report_credentials(systemd_version: int | None) -> dict[str, bytes]:
-    """The unit and what pulls it into the boot, in the form the image's systemd takes (both when it is not known):
-    for 256+, the unit and a drop-in (systemd-debug-generator reads both credentials); for 252-255, tmpfiles lines
-    that write the unit and its wants link under /run. One form only, as systemd before 257 reads just one page of
-    all the credentials."""
+    """The unit and what pulls it into the boot, in the forms the image's systemd takes (all when it is not known):
+    for 256+, the unit and a drop-in (systemd-debug-generator reads both credentials); for 252-255, and for 257+
+    too, tmpfiles lines that write the unit and its wants link under /run from the initrd, before any SELinux policy
+    is loaded (Debian's enforcing policy keeps the generator from the credentials). 256 gets one form only, as
+    systemd before 257 reads just one page of all the credentials."""
     unit = report_unit()
     credentials = {}
     if systemd_version is None or systemd_version >= UNIT_CREDENTIAL_SYSTEMD:
         credentials[f"systemd.extra-unit.{REPORT_UNIT}"] = unit
         credentials["systemd.unit-dropin.basic.target~c2boot-report"] = f"[Unit]\nWants={REPORT_UNIT}\n".encode()
-    if systemd_version is None or systemd_version < UNIT_CREDENTIAL_SYSTEMD:
+    if systemd_version is None or not UNIT_CREDENTIAL_SYSTEMD <= systemd_version < WHOLE_SMBIOS_SYSTEMD:
         credentials["tmpfiles.extra"] = render("report.tmpfiles.j2", unit=REPORT_UNIT,
                                                unit_base64=base64.b64encode(unit).decode()).encode()
     return credentials

@@ -125,6 +125,8 @@ def test_report_unit_escapes_dollars_for_systemd_and_is_pulled_in_after_the_defa
     (252, {"tmpfiles.extra"}),
     (255, {"tmpfiles.extra"}),
     (256, {"systemd.extra-unit.c2boot-report.service", "systemd.unit-dropin.basic.target~c2boot-report"}),
+    (257, {"tmpfiles.extra", "systemd.extra-unit.c2boot-report.service",
+           "systemd.unit-dropin.basic.target~c2boot-report"}),
     (None, {"tmpfiles.extra", "systemd.extra-unit.c2boot-report.service",
             "systemd.unit-dropin.basic.target~c2boot-report"}),
 ])
