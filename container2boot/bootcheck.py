@@ -21,10 +21,16 @@ from typing import Any
 
 from container2boot import lifecycle, qemu
 from container2boot.config import Config
-from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.templates import render
-from container2boot.vm import CREDENTIALS_SYSTEMD, WHOLE_SMBIOS_SYSTEMD, Built, check_credentials_fit, machine
+from container2boot.vm import (
+    CREDENTIALS_SYSTEMD,
+    WHOLE_SMBIOS_SYSTEMD,
+    Built,
+    check_console_log,
+    check_credentials_fit,
+    machine,
+)
 
 UNIT_CREDENTIAL_SYSTEMD = 256  # takes a unit (systemd.extra-unit.*) and a drop-in as credentials
 REPORT_UNIT = "c2boot-report.service"
@@ -226,13 +232,6 @@ def app_exit_status(report_port: str) -> int | None:
     """The exit status an application image's init reported, if it did."""
     value = parse_report(report_port).get("app_exit")
     return int(value) if value is not None and value.lstrip("-").isdigit() else None
-
-
-def check_console_log(path: Path | None) -> None:
-    """--console-log's directory must be there before a boot (or a build) that ends by writing to it."""
-    if path is not None and not path.expanduser().absolute().parent.is_dir():
-        raise C2BootError(f"--console-log {path}: its directory does not exist: create it, or name a file in an "
-                          "existing directory")
 
 
 def test(target: Path, config: Config) -> BootReport:

@@ -63,8 +63,7 @@ def domain(target: Path, config: Config) -> Domain:
         if path is not None and XML_INVALID.search(str(path)):
             raise C2BootError(f"{str(path)!r} contains control characters, which libvirt's XML cannot carry: "
                               "rename it")
-    if console_log is not None and not console_log.parent.is_dir():
-        raise C2BootError(f"--console-log {console_log}: its directory does not exist (libvirt does not create it)")
+    vm.check_console_log(console_log)
     return Domain(name, disk, disk_format, config.firmware, config.memory_mib, config.cpus,
                   kvm=qemu.accelerator().startswith("kvm"), console_log=console_log)
 

@@ -472,11 +472,11 @@ def build(config: Config) -> BuildResult:
     """Build (or take) the machine image with podman and assemble it in the rootbuilder container (with the
     kernel image mounted too when the plan supplies a kernel), or copy the outputs of an identical earlier build
     from the cache; with --test, boot the result."""
-    from container2boot import bootcheck, podman  # host side only
+    from container2boot import podman, vm  # host side only
 
     timer = StageTimer()
     if config.test:
-        bootcheck.check_console_log(config.console_log)  # before the build, not after it
+        vm.check_console_log(config.console_log)  # before the build, not after it
     if not config.image:
         podman.build_inputs(config)  # a wrong --file, --context or --secret fails before anything starts
     outputs_cache = Cache(cache_directory(), config.cache_bytes)

@@ -129,6 +129,14 @@ def boot_credentials(config: Config, root_keys: Sequence[str] = ()) -> dict[str,
     return credentials
 
 
+def check_console_log(path: Path | None) -> None:
+    """--console-log's directory must be there before a boot (or a build) that ends by writing to it: QEMU and libvirt
+    do not create it."""
+    if path is not None and not path.expanduser().absolute().parent.is_dir():
+        raise C2BootError(f"--console-log {path}: its directory does not exist: create it, or name a file in an "
+                          "existing directory")
+
+
 def check_credentials_fit(credentials: Mapping[str, bytes], systemd_version: int | None) -> None:
     """Refuse credentials that an older systemd would read only in part, losing what comes after its first page."""
     size = smbios_size(credentials)
