@@ -134,6 +134,7 @@ def reported_errors(command: str) -> Iterator[None]:
         stop = e if isinstance(e, lifecycle.Interrupted) else lifecycle.Interrupted(signal.SIGINT)
         logger.error("c2boot: interrupted by %s; what it had started was stopped and removed, and nothing was "
                      "written", signal.Signals(stop.signum).name)
+        lifecycle.ignore_stop_signals()
         raise typer.Exit(stop.exit_code) from None
 
 

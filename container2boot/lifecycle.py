@@ -254,6 +254,14 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+def ignore_stop_signals() -> None:
+    """The run is over and cleaned up: a late signal must not kill it on its way out. Python gives back the
+    default action (death by the signal) as it shuts down, so a second Ctrl-C that came 0.2 s after the first
+    turned exit 130 into a death by SIGINT; ignored signals stay ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def handle_signals() -> None:
     """SIGTERM and SIGHUP (a cancelled CI job, `timeout`, a closed terminal) stop the run like Ctrl-C."""
     global _stopping

@@ -200,7 +200,7 @@ def test_one_build_owns_an_output_directory(tmp_path: Path) -> None:
 # Signals and leftovers, on real processes ---------------------------------------------------------------------
 
 RUN_THAT_WAITS = textwrap.dedent("""
-    import subprocess, sys, time
+    import signal, subprocess, sys, time
     from pathlib import Path
     from container2boot import lifecycle
     from container2boot.cli import reported_errors
@@ -216,6 +216,8 @@ RUN_THAT_WAITS = textwrap.dedent("""
                     time.sleep(float(sys.argv[2]))  # a slow cleanup, to interrupt a second time
                     lifecycle.stop_process(child)
     except typer.Exit as e:
+        late = all(signal.getsignal(s) == signal.SIG_IGN for s in lifecycle.STOP_SIGNALS)
+        print("late signals ignored" if late else "late signals kill", file=sys.stderr)
         sys.exit(e.exit_code)
 """)
 
@@ -249,6 +251,8 @@ def test_a_signal_stops_a_run_like_ctrl_c(tmp_path: Path, signum: int, code: int
     _, stderr = probe.communicate(timeout=30)
     assert probe.returncode == code, stderr
     assert f"interrupted by {signal.Signals(signum).name}" in stderr
+    # Python restores the default actions as it exits: a second Ctrl-C then would kill it with SIGINT, not 130.
+    assert "late signals ignored" in stderr
     assert not directory.exists() and gone(child)
     assert not list((lifecycle.state_dir() / "runs").glob(f"{probe.pid}-*.json"))
 
