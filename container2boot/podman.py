@@ -348,11 +348,6 @@ class Session:
             shutil.copyfile(containerfiles() / "Containerfile.rootbuilder", context / "Containerfile.rootbuilder")
         return f"{ROOTBUILDER_REPO}:{tree_digest(context, base_image)[:16]}"
 
-    def built_rootbuilder(self, base_image: str) -> str | None:
-        """The toolbox image's tag when it is built already, else None."""
-        tag = self.rootbuilder_tag(base_image)
-        return tag if self.image(tag) else None
-
     def rootbuilder_image(self, base_image: str, mirror: str) -> str:
         """The toolbox image with this container2boot inside, built when its tag is not there yet."""
         tag = self.rootbuilder_tag(base_image)
