@@ -262,15 +262,6 @@ def assemble(
     _report(result.output, result.disk is not None)
 
 
-@app.command("tree", hidden=True)
-def tree_command(rootfs: Path, destination: Path) -> None:
-    """Write the paths of a root filesystem as JSON to DESTINATION: the rootbuilder's half of a build's check, run
-    on its mount of the image."""
-    from container2boot.tree import Tree
-
-    destination.write_text(json.dumps(Tree.from_directory(rootfs).to_json()))
-
-
 @app.command("inspect", cls=CommandWithFlags)
 @with_settings("inspect")
 def inspect_command(

@@ -515,18 +515,18 @@ def cache_trouble(outputs_cache: Cache, storing: bool = False) -> Iterator[None]
 
 def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: Path, config: Config,
                             timer: StageTimer) -> str:
-    """Check the image in the rootbuilder, then make its outputs there. Returns the key to keep them under in
+    """Check the image, then make its outputs in the rootbuilder container. Returns the key to keep them under in
     the cache: taken once the rootbuilder and kernel images are there, before the files it reads are read."""
-    with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
-        rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
-    with timer.stage("check", f"Checking that {image.reference} can boot"):
-        report = session.examine_mounted(rootbuilder, image)
+    with timer.stage("check", f"Checking that {image.reference} can boot") as progress:
+        report = session.examine(image.image_id, progress)
         image_config = session.image_config(image.image_id)
         plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
     logger.info("    %s, %s", report.name, plan.describe())
     need = output_bytes(report.size_bytes, config)
     check_space(staging, need)
     with space_explained(staging, need):
+        with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
+            rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
         kernel_image = None
         if plan.supplies_kernel or plan.uses_supplied_dracut:
             with timer.stage("kernelimage", "Preparing the kernel image"):

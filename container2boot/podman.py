@@ -462,10 +462,9 @@ class Session:
         logger.info("    no --secret id=chpass given: the demo user's password is %s", password)
         return f"id=chpass,src={creds}"
 
-    def examine(self, reference: str) -> Report:
-        """Inspect an image's filesystem without building or mounting anything (`c2boot inspect`, which needs no
-        rootbuilder): one pass over the tar stream of a created (never started) container, plus the image's own
-        metadata."""
+    def examine(self, reference: str, progress: StageProgress | None = None) -> Report:
+        """Inspect an image's filesystem without building or mounting anything: one pass over the tar stream of a
+        created (never started) container, plus the image's own metadata. `progress` hears of the bytes read."""
         try:
             image = self.client.images.get(reference)
         except ImageNotFound:
@@ -474,38 +473,13 @@ class Session:
         labels = {"io.container2boot.role": "inspect", **lifecycle.current().container_labels()}
         container = self.client.containers.create(image.id, command=["true"], labels=labels)
         try:
-            tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export()), 1024 * 1024))
+            if progress is not None:
+                progress.size(int(image.attrs.get("Size") or 0))
+            tree = Tree.from_tar(io.BufferedReader(ChunkReader(container.export(), progress), 1024 * 1024))
         finally:
             remove_container(container)
         return examine(tree, labels=image.attrs.get("Labels") or {},
                        architecture=image.attrs.get("Architecture"))
-
-    def examine_mounted(self, rootbuilder: str, image: MachineImage) -> Report:
-        """Inspect an image where the rootbuilder mounts it (as the assemble container will): a walk of its
-        paths that reads only the few files inspection needs, so the build reads the image's bytes once."""
-        check = self.scratch / "check"
-        check.mkdir()
-        container = self.client.containers.create(
-            rootbuilder, entrypoint=["c2boot", "tree", "/rootfs", "/check/tree.json"],
-            image_volumes=[{"source": image.image_id, "destination": "/rootfs", "rw": False}],
-            mounts=[{"type": "bind", "source": str(check), "target": "/check"}],
-            labels={"io.container2boot.role": "check", **lifecycle.current().container_labels()})
-        try:
-            container.start()
-            status = container.wait()
-            code = status if isinstance(status, int) else status.get("StatusCode", 1)
-            if code != 0:
-                said = b"".join(container.logs(stdout=True, stderr=True)).decode(errors="replace").strip()
-                raise C2BootError(f"the rootbuilder could not read {image.reference}: "
-                                  f"{said.splitlines()[-1] if said else f'exit status {code}'}")
-        except APIError as e:
-            raise C2BootError(f"podman could not run the rootbuilder container: {_api_reason(e)} "
-                              "(`c2boot doctor` checks podman on this host)") from None
-        finally:
-            remove_container(container)
-        tree = Tree.from_json(json.loads((check / "tree.json").read_text()))
-        attrs = self.client.images.get(image.image_id).attrs
-        return examine(tree, labels=attrs.get("Labels") or {}, architecture=attrs.get("Architecture"))
 
     # The assemble container ---------------------------------------------------------------------------------
 
@@ -606,11 +580,13 @@ def _api_reason(error: APIError) -> str:
 
 
 class ChunkReader(io.RawIOBase):
-    """A readable file over an iterator of byte chunks (podman-py's export stream), for tarfile's stream mode."""
+    """A readable file over an iterator of byte chunks (podman-py's export stream), for tarfile's stream mode;
+    `progress` hears of each chunk's size."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[bytes], progress: StageProgress | None = None) -> None:
         self.chunks = iter(chunks)
         self.pending = b""
+        self.progress = progress
 
     def readable(self) -> bool:
         return True
@@ -621,6 +597,8 @@ class ChunkReader(io.RawIOBase):
                 self.pending = next(self.chunks)
             except StopIteration:
                 return 0
+            if self.progress is not None:
+                self.progress.advance(len(self.pending))
         size = min(len(buffer), len(self.pending))
         buffer[:size] = self.pending[:size]
         self.pending = self.pending[size:]

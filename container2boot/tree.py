@@ -5,7 +5,6 @@ Symbolic links are followed inside the tree (an absolute target means the tree's
 merged-/usr images (/lib -> usr/lib) and /etc/os-release -> ../usr/lib/os-release read as they would booted.
 """
 
-import base64
 import os
 import posixpath
 import re
@@ -14,7 +13,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 MAX_LINK_HOPS = 40
 HEADER_BYTES = 64  # enough of an ELF header for its machine field
@@ -90,17 +89,6 @@ class Tree:
                     if extracted is not None:
                         contents[path] = extracted.read(wanted)
         return cls(entries, contents)
-
-    def to_json(self) -> dict[str, Any]:
-        """The tree as JSON: the rootbuilder walks its mount of an image and the host reads the result, so that a
-        build reads the image's bytes once (by the root image's packer), not a second time for the check."""
-        return {"entries": [[path, e.kind, e.size, e.target] for path, e in self.entries.items()],
-                "contents": {path: base64.b64encode(data).decode() for path, data in self.contents.items()}}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Tree":
-        return cls({path: Entry(kind, size, target) for path, kind, size, target in data["entries"]},
-                   {path: base64.b64decode(text) for path, text in data["contents"].items()})
 
     def resolve(self, path: str) -> str | None:
         """The path with every symbolic link in it followed inside the tree; None when it does not exist."""
