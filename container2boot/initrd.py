@@ -10,7 +10,8 @@ and dracut runs chrooted. This works as a normal user and inside a rootless cont
 
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,7 +19,7 @@ from typing import BinaryIO
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.run import run
-from container2boot.tree import Tree
+from container2boot.tree import Tree, in_directory, resolve_links
 
 # Drivers a VM, a laptop and a USB stick need to find their disks.
 DISK_DRIVERS = (
@@ -40,6 +41,8 @@ DRACUT_CONFIGURATION = ("etc/dracut.conf.d", "usr/lib/dracut/dracut.conf.d")
 COMPRESSION_CHOSEN = re.compile(r"^\s*compress\s*=", re.MULTILINE)
 CPIO_MAGICS = (b"070701", b"070702")  # newc, with and without checksums
 CPIO_HEADER = 110
+PT_INTERP = 3  # the ELF program header that names a program's dynamic loader
+SHELLS = ("usr/bin/bash", "bin/bash")  # dracut is a bash script: every initrd it makes holds bash
 
 # $1 rootfs, $2 scratch directory, $3 destination file, $4 modules directory or "", $5 a file to list the initrd's
 # paths in (NUL-separated; dracut runs with --keep) or "", then the dracut command line.
@@ -148,6 +151,36 @@ def build_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, st
         raise
     if job.zstd:
         compress(dest)
+
+
+def elf_interpreter(program: Path) -> str | None:
+    """The dynamic loader a 64-bit little-endian ELF program names (PT_INTERP); None for a static program or a file
+    that is no such ELF."""
+    with program.open("rb") as f:
+        header = f.read(64)
+        if len(header) < 64 or header[:4] != b"\x7fELF" or header[4:6] != b"\x02\x01":
+            return None
+        (table,) = struct.unpack_from("<Q", header, 32)
+        entry_size, entries = struct.unpack_from("<HH", header, 54)
+        for index in range(entries):
+            f.seek(table + index * entry_size)
+            kind, _, offset, _, _, size = struct.unpack("<IIQQQQ", f.read(40))
+            if kind == PT_INTERP:
+                f.seek(offset)
+                return f.read(size).rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+def loader_left_out(job: InitrdJob, paths: Iterable[str]) -> str | None:
+    """The loader of the dracut root's bash when the initrd's `paths` lack it, else None. Without it dracut found
+    none of the shared libraries (its ldd failed: once in CI, nothing said so) and the initrd cannot run its init."""
+    lookup = in_directory(job.dracut_root)
+    shell = next((found for path in SHELLS if (found := resolve_links(path, lookup)) is not None), None)
+    loader = elf_interpreter(job.dracut_root / shell) if shell is not None else None
+    if loader is None:
+        return None
+    name = loader.rpartition("/")[2]
+    return None if any(path.rpartition("/")[2] == name for path in paths) else loader
 
 
 def early_archive_end(initrd: BinaryIO) -> int:

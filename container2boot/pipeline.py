@@ -31,7 +31,7 @@ from container2boot.config import IMAGE_AND_TEST_SETTINGS, NOT_OUTPUT_SETTINGS, 
 from container2boot.containerdisk import make_containerdisk
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
-from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd
+from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd, loader_left_out
 from container2boot.initrdcache import InitrdCache
 from container2boot.initrdcache import recipe as initrd_recipe
 from container2boot.layers import write_root_tar
@@ -214,6 +214,23 @@ def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,
     return supplied.Supplied(tree, tuple(left_out))
 
 
+def built_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str]) -> list[str]:
+    """Build the initrd and return the paths it holds. One that lacks the loader of its own programs cannot boot
+    and is never kept: dracut makes it again once, and a second such one is an error."""
+    for attempt in ("first", "second"):
+        listing = scratch / f"initrd-{attempt}.files"
+        build_initrd(job, dest, scratch / f"initrd-{attempt}", env, listing)
+        paths = [p for p in listing.read_text(errors="surrogateescape").split("\0") if p]
+        loader = loader_left_out(job, paths) if paths else None
+        if loader is None:
+            return paths
+        if attempt == "first":
+            logger.warning("    warning: dracut left every shared library out of the initrd (no %s in it), so it "
+                           "could not boot: making it again", loader)
+    raise C2BootError(f"dracut twice made an initrd without the shared libraries its programs need (no {loader} in "
+                      f"it): `c2boot build --verbose` shows what dracut said")
+
+
 def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str], no_cache: bool) -> str:
     """Build the initrd, or copy the one made of the very same files (see initrdcache.py); "built" or "reused".
     With `no_cache` it is made again, and replaces the cached one."""
@@ -222,9 +239,7 @@ def make_initrd(job: InitrdJob, dest: Path, scratch: Path, env: Mapping[str, str
     if not no_cache and initrds.restore(job, key, dest):
         logger.info("    the initrd is made of the same files as one made before: reused (--no-cache makes it again)")
         return "reused"
-    listing = scratch / "initrd.files"
-    build_initrd(job, dest, scratch / "initrd", env, listing)
-    paths = [p for p in listing.read_text(errors="surrogateescape").split("\0") if p]
+    paths = built_initrd(job, dest, scratch, env)
     if not paths:  # dracut kept its tree elsewhere: what the initrd is made of is unknown, so it is not kept
         logger.warning("    warning: dracut's staging tree was not found: the initrd is not kept in the cache")
         return "built"

@@ -1,12 +1,14 @@
 """The initrd's compression: zstd here when the kernel unpacks it, dracut's own otherwise; the early archive
 (microcode) stays uncompressed in front."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from container2boot import initrd
+from container2boot import initrd, pipeline
+from container2boot.errors import C2BootError
 from container2boot.initrd import (
     SANDBOX_REFUSED,
     InitrdJob,
@@ -14,6 +16,8 @@ from container2boot.initrd import (
     compress_with_zstd,
     dracut_command,
     early_archive_end,
+    elf_interpreter,
+    loader_left_out,
 )
 from container2boot.tree import Tree
 
@@ -113,3 +117,46 @@ def test_a_sandbox_the_container_refuses_is_told_from_a_dracut_failure(failure: 
     """A pod without CAP_SYS_CHROOT or a seccomp profile that allows the user namespace gets told what to give it."""
     message = f"dracut (of /rootfs, in a user namespace) failed (exit 1): {failure}"
     assert bool(SANDBOX_REFUSED.search(message)) is refused
+
+
+# An initrd without the loader of its own programs -----------------------------------------------------------------
+
+LOADER_PATHS = ["usr/bin/bash", "usr/lib64/ld-linux-x86-64.so.2", "usr/lib/x86_64-linux-gnu/libc.so.6"]
+
+
+def dracut_root_with_bash(tmp_path: Path) -> InitrdJob:
+    """A merged-/usr tree (bin -> usr/bin) with this host's bash, which names its loader."""
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "bin").symlink_to("usr/bin")
+    shutil.copy("/usr/bin/bash", tmp_path / "usr/bin/bash")
+    return InitrdJob(tmp_path, frozenset(), "106", "6.12.1-amd64")
+
+
+def test_the_loader_is_read_from_the_elf_program_header(tmp_path: Path) -> None:
+    assert elf_interpreter(Path("/usr/bin/bash")) == "/lib64/ld-linux-x86-64.so.2"
+    (tmp_path / "script").write_text("#!/bin/sh\n")
+    assert elf_interpreter(tmp_path / "script") is None
+
+
+def test_an_initrd_without_the_loader_of_its_bash_is_told(tmp_path: Path) -> None:
+    """Seen once in CI: dracut's ldd found nothing and the initrd held no library at all, without an error."""
+    job = dracut_root_with_bash(tmp_path)
+    assert loader_left_out(job, LOADER_PATHS) is None
+    assert loader_left_out(job, ["usr/bin/bash", "usr/lib/x86_64-linux-gnu/libkmod.so.2"]) == \
+        "/lib64/ld-linux-x86-64.so.2"
+
+
+def test_dracut_makes_it_again_once_and_then_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    job = dracut_root_with_bash(tmp_path / "root")
+    runs: list[list[str]] = [["usr/bin/bash"], LOADER_PATHS]
+
+    def dracut(job: InitrdJob, dest: Path, scratch: Path, env: object, listing: Path) -> None:
+        listing.write_text("\0".join(runs.pop(0)))
+
+    monkeypatch.setattr(pipeline, "build_initrd", dracut)
+    assert pipeline.built_initrd(job, tmp_path / "initrd.img", tmp_path, {}) == LOADER_PATHS
+    assert "making it again" in caplog.text
+    runs[:] = [["usr/bin/bash"], ["usr/bin/bash"]]
+    with pytest.raises(C2BootError, match="dracut twice made an initrd without the shared libraries"):
+        pipeline.built_initrd(job, tmp_path / "initrd.img", tmp_path, {})
