@@ -19,7 +19,7 @@ from typing import BinaryIO
 from container2boot.errors import C2BootError
 from container2boot.log import logger
 from container2boot.run import run
-from container2boot.tree import Tree, in_directory, resolve_links
+from container2boot.tree import Tree
 
 # Drivers a VM, a laptop and a USB stick need to find their disks.
 DISK_DRIVERS = (
@@ -87,6 +87,7 @@ class InitrdJob:
     netboot: bool = False
     app: bool = False
     zstd: bool = False  # dracut writes the archive uncompressed, and zstd compresses it here (see ZSTD)
+    loader: str | None = None  # the dynamic loader of the dracut root's bash, which the initrd must hold
 
 
 def compress_with_zstd(dracut_tree: Tree, kernel_configuration: str | None) -> bool:
@@ -171,16 +172,19 @@ def elf_interpreter(program: Path) -> str | None:
     return None
 
 
+def shell_loader(dracut_tree: Tree) -> str | None:
+    """The dynamic loader that the bash of a dracut tree names: every initrd its dracut makes holds that bash."""
+    shell = next((path for path in SHELLS if dracut_tree.is_file(path)), None)
+    return elf_interpreter(dracut_tree.real_path(shell)) if shell is not None else None
+
+
 def loader_left_out(job: InitrdJob, paths: Iterable[str]) -> str | None:
-    """The loader of the dracut root's bash when the initrd's `paths` lack it, else None. Without it dracut found
-    none of the shared libraries (its ldd failed: once in CI, nothing said so) and the initrd cannot run its init."""
-    lookup = in_directory(job.dracut_root)
-    shell = next((found for path in SHELLS if (found := resolve_links(path, lookup)) is not None), None)
-    loader = elf_interpreter(job.dracut_root / shell) if shell is not None else None
-    if loader is None:
+    """The job's loader when the initrd's `paths` lack it, else None. Without it dracut found none of the shared
+    libraries (its ldd failed: once in CI, nothing said so) and the initrd cannot run its init."""
+    if job.loader is None:
         return None
-    name = loader.rpartition("/")[2]
-    return None if any(path.rpartition("/")[2] == name for path in paths) else loader
+    name = job.loader.rpartition("/")[2]
+    return None if any(path.rpartition("/")[2] == name for path in paths) else job.loader
 
 
 def early_archive_end(initrd: BinaryIO) -> int:

@@ -31,7 +31,7 @@ from container2boot.config import IMAGE_AND_TEST_SETTINGS, NOT_OUTPUT_SETTINGS, 
 from container2boot.containerdisk import make_containerdisk
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
 from container2boot.errors import C2BootError
-from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd, loader_left_out
+from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd, loader_left_out, shell_loader
 from container2boot.initrdcache import InitrdCache
 from container2boot.initrdcache import recipe as initrd_recipe
 from container2boot.layers import write_root_tar
@@ -186,7 +186,8 @@ def initrd_job(sources: Sources, plan: Plan, root_partition: rootpartition.RootP
     zstd = compress_with_zstd(dracut_report.tree, kernel_config(sources.kernel_tree[0], plan.kernel_version))
     return InitrdJob(dracut_root, dracut_report.dracut_modules, dracut_report.dracut_version, plan.kernel_version,
                      image_modules,
-                     root_partition.fstype if root_partition else None, config.netboot, plan.init == "app", zstd)
+                     root_partition.fstype if root_partition else None, config.netboot, plan.init == "app", zstd,
+                     shell_loader(dracut_report.tree))
 
 
 def supply(sources: Sources, plan: Plan, scratch: Path, config: Config,

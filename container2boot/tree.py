@@ -157,19 +157,6 @@ def resolve_links(path: str, lookup: Callable[[str], Entry | None]) -> str | Non
     return "/".join(resolved)
 
 
-def in_directory(root: Path) -> Callable[[str], Entry | None]:
-    """resolve_links' lookup for a real directory tree, without walking all of it."""
-
-    def lookup(path: str) -> Entry | None:
-        try:
-            st = os.lstat(root / path)
-        except OSError:
-            return None
-        return _entry(st.st_mode, st.st_size, os.readlink(root / path) if stat.S_ISLNK(st.st_mode) else "")
-
-    return lookup
-
-
 def _entry(mode: int, size: int, target: str) -> Entry:
     if stat.S_ISLNK(mode):
         return Entry("link", 0, target)

@@ -18,6 +18,7 @@ from container2boot.initrd import (
     early_archive_end,
     elf_interpreter,
     loader_left_out,
+    shell_loader,
 )
 from container2boot.tree import Tree
 
@@ -129,7 +130,7 @@ def dracut_root_with_bash(tmp_path: Path) -> InitrdJob:
     (tmp_path / "usr/bin").mkdir(parents=True)
     (tmp_path / "bin").symlink_to("usr/bin")
     shutil.copy("/usr/bin/bash", tmp_path / "usr/bin/bash")
-    return InitrdJob(tmp_path, frozenset(), "106", "6.12.1-amd64")
+    return InitrdJob(tmp_path, frozenset(), "106", "6.12.1-amd64", loader=shell_loader(Tree.from_directory(tmp_path)))
 
 
 def test_the_loader_is_read_from_the_elf_program_header(tmp_path: Path) -> None:
@@ -141,6 +142,7 @@ def test_the_loader_is_read_from_the_elf_program_header(tmp_path: Path) -> None:
 def test_an_initrd_without_the_loader_of_its_bash_is_told(tmp_path: Path) -> None:
     """Seen once in CI: dracut's ldd found nothing and the initrd held no library at all, without an error."""
     job = dracut_root_with_bash(tmp_path)
+    assert job.loader == "/lib64/ld-linux-x86-64.so.2"
     assert loader_left_out(job, LOADER_PATHS) is None
     assert loader_left_out(job, ["usr/bin/bash", "usr/lib/x86_64-linux-gnu/libkmod.so.2"]) == \
         "/lib64/ld-linux-x86-64.so.2"
