@@ -118,14 +118,15 @@ def with_settings(command: Command) -> Callable[[Callable[..., None]], Callable[
 
 @contextmanager
 def reported_errors(command: str) -> Iterator[None]:
-    """One command's run: what killed runs left is removed first; an error becomes one line and exit 1; Ctrl-C,
-    SIGTERM and SIGHUP stop it with everything it started removed, and exit 128 + the signal's number."""
+    """One command's run: what killed runs left is removed first; an error becomes one line and exit 1 (3: the
+    rootfs needs a kernel image, see errors.KernelImageNeeded); Ctrl-C, SIGTERM and SIGHUP stop it with everything
+    it started removed, and exit 128 + the signal's number."""
     try:
         with lifecycle.command(command):
             yield
     except C2BootError as e:
         logger.error("%s%s", ERROR_PREFIX, e)
-        raise typer.Exit(EXIT_ERROR) from None
+        raise typer.Exit(e.exit_code) from None
     except OSError as e:  # the environment refused something no check foresaw (a name too long, /proc...)
         where = f": {e.filename}" if e.filename else ""
         logger.error("%s%s%s", ERROR_PREFIX, e.strerror or e, where)

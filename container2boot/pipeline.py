@@ -30,7 +30,7 @@ from container2boot.cache import default_directory as cache_directory
 from container2boot.config import IMAGE_AND_TEST_SETTINGS, NOT_OUTPUT_SETTINGS, Config, command_line
 from container2boot.containerdisk import make_containerdisk
 from container2boot.disk import INITRD_ALLOWANCE, build_disk, check_disk_size, disk_size_needed, estimate_esp
-from container2boot.errors import C2BootError
+from container2boot.errors import C2BootError, KernelImageNeeded
 from container2boot.initrd import InitrdJob, build_initrd, compress_with_zstd, loader_left_out, shell_loader
 from container2boot.initrdcache import InitrdCache
 from container2boot.initrdcache import recipe as initrd_recipe
@@ -105,8 +105,9 @@ def kernel_sources(kernel_root: Path | None, config: Config) -> tuple[Path, Repo
         raise C2BootError(f"--kernel-root {kernel_root} is not a directory: pass the kernel image's root filesystem "
                           "(e.g. mounted with --mount=type=image,source=KERNELIMAGE,target=/kernel)")
     if kernel_root is None:
-        raise C2BootError("this image needs a supplied kernel: pass --kernel-root with a kernel image's root "
-                          "filesystem (`c2boot build` mounts one), or use an image with its own kernel and dracut")
+        raise KernelImageNeeded("this image needs a supplied kernel: pass --kernel-root with a kernel image's root "
+                                "filesystem (`c2boot build` mounts one), or use an image with its own kernel and "
+                                "dracut")
     report = examine_directory(kernel_root)
     missing = [need for need in report.missing(config.layout, config.netboot) if need != "init"]
     if missing:
@@ -131,7 +132,6 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
         installed = config.layout == "installed"
         if installed:
             rootpartition.check_copyable(root, scratch)
-        same = reproducibility(config)
         with timer.stage("inspect", f"Inspecting {rootfs}"):
             sources = Sources(root, examine_directory(root))
             image = ImageConfig.from_json(config.image_config) if config.image_config else ImageConfig()
@@ -143,6 +143,8 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                 if plan.supplies_kernel:
                     assert kernel_report.kernel is not None
                     plan = plan.with_kernel_version(kernel_report.kernel.version)
+            else:  # a kernel image offered in case the plan needed one (as `c2boot build` does) changes nothing
+                config = config.replace(kernel_root=None)
             if not installed:  # the dracut that makes the live initrd must mount the root image
                 rootimage.check_bootable(config.root_format, config.compression, sources.kernel_tree[0],
                                          plan.kernel_version, initrd_job(sources, plan, None, config).dracut_version)
@@ -153,6 +155,7 @@ def assemble_into(rootfs: Path, staging: Path, config: Config, timer: StageTimer
                 logger.warning("    warning: %s", warning)
         for warning in cloud_warnings(sources.report, config):
             logger.warning("    warning: %s", warning)
+        same = reproducibility(config)
         root_partition = rootpartition.prepare(root, config.rootfs_type, scratch, same) if installed else None
         if root_partition is not None:
             kernel_file = sources.kernel_tree[1].kernel_image_path
@@ -531,27 +534,57 @@ def cache_trouble(outputs_cache: Cache, storing: bool = False) -> Iterator[None]
 
 def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: Path, config: Config,
                             timer: StageTimer) -> str:
-    """Check the image, then make its outputs in the rootbuilder container. Returns the key to keep them under in
-    the cache: taken once the rootbuilder and kernel images are there, before the files it reads are read."""
-    with timer.stage("check", f"Checking that {image.reference} can boot") as progress:
-        report = session.examine(image.image_id, progress)
-        image_config = session.image_config(image.image_id)
-        plan = decide(report, image_config, config)  # before the slow steps: bad input fails here
-    logger.info("    %s, %s", report.name, plan.describe())
-    need = output_bytes(report.size_bytes, config)
+    """Make the image's outputs in the rootbuilder container, which checks the image where it mounts it: its files
+    are read once, by the root image's packer. Returns the key to keep them under in the cache."""
+    image_config = session.image_config(image.image_id)
+    plan, size = None, image.size_bytes
+    if session.image(session.rootbuilder_tag(config.base_image)) is None:
+        plan, size = check_on_host(session, image, image_config, config, timer)
+    need = output_bytes(size, config)
     check_space(staging, need)
     with space_explained(staging, need):
         with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
             rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)
-        kernel_image = None
-        if plan.supplies_kernel or plan.uses_supplied_dracut:
-            with timer.stage("kernelimage", "Preparing the kernel image"):
-                kernel_image = session.kernel_image(config)
-        key = output_keys(session, config, image, supplied=kernel_image is not None)[-1]
-        with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container") as progress:
-            session.assemble(rootbuilder, image, staging, config.replace(image_config=image_config.as_json()),
-                             kernel_image, progress)
-    return key
+        if plan is None:  # the rootbuilder decides: the kernel image is offered if it is here already
+            kernel_image = session.kernel_image_at_hand(config)
+        elif plan.supplies_kernel or plan.uses_supplied_dracut:
+            kernel_image = prepared_kernel_image(session, config, timer)
+        else:
+            kernel_image = None
+        config = config.replace(image_config=image_config.as_json())
+        try:
+            return assemble_with(session, rootbuilder, image, kernel_image, staging, config, timer)
+        except KernelImageNeeded:  # only when none was offered
+            logger.info("    %s needs the supplied kernel (or its dracut): preparing the kernel image, then "
+                        "assembling again", image.reference)
+            kernel_image = prepared_kernel_image(session, config, timer)
+            return assemble_with(session, rootbuilder, image, kernel_image, staging, config, timer)
+
+
+def check_on_host(session: "Session", image: "MachineImage", image_config: ImageConfig, config: Config,
+                  timer: StageTimer) -> tuple[Plan, int]:
+    """Before the rootbuilder's first build (minutes), the host checks the image itself, from podman's export of
+    it, so that bad input fails at once; it returns the plan and the size of the image's files."""
+    with timer.stage("check", f"Checking that {image.reference} can boot") as progress:
+        report = session.examine(image.image_id, progress)
+        plan = decide(report, image_config, config)
+    logger.info("    %s, %s", report.name, plan.describe())
+    return plan, report.size_bytes
+
+
+def prepared_kernel_image(session: "Session", config: Config, timer: StageTimer) -> str:
+    with timer.stage("kernelimage", "Preparing the kernel image"):
+        return session.kernel_image(config)
+
+
+def assemble_with(session: "Session", rootbuilder: str, image: "MachineImage", kernel_image: str | None,
+                  staging: Path, config: Config, timer: StageTimer) -> str:
+    """One run of the assemble container; the cache key of what it made, taken before it reads the files: with
+    the kernel image's when the outputs use it (the manifest says), else without."""
+    without, with_kernel = output_keys(session, config, image)
+    with timer.stage("assemble", f"Assembling {image.reference} in the rootbuilder container") as progress:
+        session.assemble(rootbuilder, image, staging, config, kernel_image, progress)
+    return with_kernel if read_manifest(staging).get("supplied_kernel") else without
 
 
 def output_settings(config: Config) -> list[str]:
@@ -566,10 +599,10 @@ def rebuild_options(config: Config) -> list[str]:
     return command_line(config.with_absolute_paths(), "build", skip=NOT_OUTPUT_SETTINGS | IMAGE_AND_TEST_SETTINGS)
 
 
-def output_keys(session: "Session", config: Config, image: "MachineImage", supplied: bool | None = None) -> list[str]:
-    """The cache keys of this build's outputs: by the image (its id and name), the rootbuilder, the supplied
-    kernel's image when the plan uses it (`supplied`; None: not known yet, so both keys), the settings, the source
-    date and the files the settings name."""
+def output_keys(session: "Session", config: Config, image: "MachineImage") -> tuple[str, str]:
+    """The cache keys of this build's outputs, without and with the supplied kernel's image (the plan, made in the
+    rootbuilder, tells which): by the image (its id and name), the rootbuilder, the settings, the source date and
+    the files the settings name."""
     from container2boot.podman import container_inputs, kernel_tag  # host side only
 
     rootbuilder = session.image(session.rootbuilder_tag(config.base_image))
@@ -578,9 +611,8 @@ def output_keys(session: "Session", config: Config, image: "MachineImage", suppl
              "rootbuilder": rootbuilder.image_id if rootbuilder else None, "settings": output_settings(config),
              "source_date_epoch": image.source_date(config.source)}
     inputs = [host for host, _ in container_inputs(config)[0]]
-    kernels = [None, kernel.image_id if kernel else None] if supplied is None else \
-        [kernel.image_id if supplied and kernel else None]
-    return [output_key({**parts, "kernel": k}, inputs) for k in kernels]
+    return output_key({**parts, "kernel": None}, inputs), \
+        output_key({**parts, "kernel": kernel.image_id if kernel else None}, inputs)
 
 
 def containerdisk_image(session: "Session", staging: Path, config: Config,

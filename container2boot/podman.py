@@ -28,7 +28,7 @@ from container2boot import __version__, lifecycle
 from container2boot.access import parse_secret
 from container2boot.cache import default_directory as cache_directory
 from container2boot.config import Config, command_line
-from container2boot.errors import ERROR_PREFIX, C2BootError
+from container2boot.errors import ERROR_PREFIX, C2BootError, KernelImageNeeded
 from container2boot.log import (
     DONE_PREFIX,
     STAGE_PREFIX,
@@ -66,6 +66,7 @@ class MachineImage:
     image_id: str
     digest: str | None
     created: int | None = None  # seconds since the epoch: the default source date of reproducible outputs
+    size_bytes: int = 0  # podman's size of its files, unpacked
 
     def source_date(self, source: Mapping[str, str]) -> str:
         """The source date its outputs get: SOURCE_DATE_EPOCH as given, else the image's creation; "" for none."""
@@ -227,14 +228,13 @@ class Session:
             return None
         digests = image.attrs.get("RepoDigests") or []
         return MachineImage(reference, image.id, image.attrs.get("Digest") or (digests[0] if digests else None),
-                            image_created(str(image.attrs.get("Created", ""))))
+                            image_created(str(image.attrs.get("Created", ""))), int(image.attrs.get("Size") or 0))
 
     def pull(self, reference: str, policy: str = "missing") -> MachineImage | None:
         """The image as the pull `policy` (--pull) wants it: the one here, or pulled; None when neither. Only
         "always" makes a failed pull an error; localhost/ names no registry unless it does."""
         local = self.image(reference)
-        if policy == "never" or (policy == "missing" and local is not None) or \
-                (reference.startswith("localhost/") and policy != "always"):
+        if not wants_pull(reference, policy, local is not None):
             return local
         logger.info("    pulling %s", reference)
         error = self._pull(reference, "newer" if policy == "newer" else "always")
@@ -416,6 +416,15 @@ class Session:
         self.build_tool_image(context, containerfile, tag, config.base_image)
         return tag
 
+    def kernel_image_at_hand(self, config: Config) -> str | None:
+        """The kernel image `kernel_image` would give when it is here already and the pull policy takes it as it
+        is (nothing to build or pull); else None."""
+        tag = kernel_tag(config)
+        local = self.image(tag)
+        if local is None or (config.kernel_image and wants_pull(tag, config.pull, True)):
+            return None
+        return local.image_id if config.kernel_image else tag
+
     def image_config(self, reference: str) -> ImageConfig:
         """How the image runs (ENTRYPOINT, CMD, ENV, WORKDIR, USER, STOPSIGNAL), from podman's metadata."""
         try:
@@ -542,10 +551,19 @@ class Session:
                 raise C2BootError(f"podman could not run the rootbuilder container: {_api_reason(e)} "
                                   "(`c2boot doctor` checks podman on this host)") from None
             code = status if isinstance(status, int) else status.get("StatusCode", 1)
+            if code == KernelImageNeeded.exit_code and kernel_image is None:
+                raise KernelImageNeeded(error)
             if code != 0:
                 raise C2BootError(error or f"the assemble container exited with status {code}")
         finally:
             remove_container(container)
+
+
+def wants_pull(reference: str, policy: str, local: bool) -> bool:
+    """Whether --pull `policy` asks the registry for `reference` (localhost/ names none unless "always" says so)."""
+    if policy == "never" or (policy == "missing" and local):
+        return False
+    return not reference.startswith("localhost/") or policy == "always"
 
 
 def container_inputs(config: Config) -> tuple[list[tuple[Path, str]], Config]:

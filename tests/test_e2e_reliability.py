@@ -160,7 +160,8 @@ def test_stopping_c2boot_test_stops_qemu(example_build: Path, before: Leftovers,
 
 
 def test_a_second_build_into_the_same_output_fails_at_once(example_build: Path, tmp_path: Path) -> None:
-    """Also: the first build, of the example with the example build's settings, gives the same bytes."""
+    """Also: the first build, of the example with the example build's settings, gives the same bytes (in a whole
+    run the kernel image is here by now, and offered to the assemble container: unused, it changes nothing)."""
     out = tmp_path / "out"
     first = start("build", "--image", EXAMPLE_IMAGE, "--diskimage", "--no-cache", "-o", out)
     wait_for(first, "==> ")

@@ -13,6 +13,7 @@ from container2boot.errors import C2BootError
 from container2boot.plan import ImageConfig, Plan, app_command, decide, split_command
 from container2boot.rootfs import Report, examine_directory
 from container2boot.templates import render
+from tests.conftest import C2BOOT
 from tests.test_rootfs import ELF_X86_64, make_rootfs
 
 NGINX = ImageConfig(cmd=("nginx", "-g", "daemon off;"), env=("PATH=/usr/local/sbin:/usr/sbin:/usr/bin",
@@ -218,3 +219,22 @@ def test_a_kernel_without_its_modules(tmp_path: Path) -> None:
                        r"directory /usr/lib/modules/6.12.9-amd64: .* or pass --supplied-kernel"):
         plan_of(examine_directory(root))
     assert plan_of(examine_directory(root), supplied_kernel=True).kind == "userland"
+
+
+def test_assemble_without_the_kernel_image_an_image_needs_exits_3(tmp_path: Path) -> None:
+    """Its own status, which `c2boot build` answers by mounting the kernel image and assembling again; nothing is
+    written."""
+    from container2boot.errors import KernelImageNeeded
+    from container2boot.podman import wants_pull
+
+    root = make_rootfs(tmp_path / "userland", kernels=(), dracut=False)
+    result = subprocess.run([*C2BOOT, "assemble", str(root), "-o", str(tmp_path / "out")], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == KernelImageNeeded.exit_code == 3, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("c2boot: error: this image needs a supplied kernel: "
+                                                             "pass --kernel-root")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["userland"]
+    # The kernel image offered without asking is one the pull policy takes as it is.
+    assert not wants_pull("quay.io/k/kernel:1", "missing", True) and wants_pull("quay.io/k/kernel:1", "missing", False)
+    assert wants_pull("quay.io/k/kernel:1", "newer", True) and not wants_pull("quay.io/k/kernel:1", "never", False)
+    assert not wants_pull("localhost/k:1", "newer", True) and wants_pull("localhost/k:1", "always", True)
