@@ -489,8 +489,8 @@ def inspect_image(source: str) -> tuple[Report, ImageConfig]:
 
 def build(config: Config) -> BuildResult:
     """Build (or take) the machine image with podman and assemble it in the rootbuilder container (with the
-    kernel image mounted too when the plan supplies a kernel), or copy the outputs of an identical earlier build
-    from the cache; with --test, boot the result."""
+    kernel image mounted too when it is at hand or the image needs it), or copy the outputs of an identical
+    earlier build from the cache; with --test, boot the result."""
     from container2boot import podman, vm  # host side only
 
     timer = StageTimer()
@@ -537,11 +537,14 @@ def assemble_in_rootbuilder(session: "Session", image: "MachineImage", staging: 
     """Make the image's outputs in the rootbuilder container, which checks the image where it mounts it: its files
     are read once, by the root image's packer. Returns the key to keep them under in the cache."""
     image_config = session.image_config(image.image_id)
-    plan, size = None, image.size_bytes
+    plan = None
+    # About the space the outputs need, for the message if the disk fills up: podman's size of the image also counts
+    # files that later layers removed, so the check before the slow steps is the rootbuilder's, from the files.
+    need = output_bytes(image.size_bytes, config)
     if session.image(session.rootbuilder_tag(config.base_image)) is None:
         plan, size = check_on_host(session, image, image_config, config, timer)
-    need = output_bytes(size, config)
-    check_space(staging, need)
+        need = output_bytes(size, config)
+        check_space(staging, need)
     with space_explained(staging, need):
         with timer.stage("rootbuilder", "Preparing the rootbuilder image"):
             rootbuilder = session.rootbuilder_image(config.base_image, config.mirror)

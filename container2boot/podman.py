@@ -66,7 +66,7 @@ class MachineImage:
     image_id: str
     digest: str | None
     created: int | None = None  # seconds since the epoch: the default source date of reproducible outputs
-    size_bytes: int = 0  # podman's size of its files, unpacked
+    size_bytes: int = 0  # podman's size of its layers, unpacked (files that later layers removed count too)
 
     def source_date(self, source: Mapping[str, str]) -> str:
         """The source date its outputs get: SOURCE_DATE_EPOCH as given, else the image's creation; "" for none."""
