@@ -259,27 +259,54 @@ def verdict_kind(built: Built) -> str:
         else "console"
 
 
+@dataclass(frozen=True)
+class Observed:
+    """What one boot showed: the report port's values, the console, its first fatal line, when the system was up
+    (seconds after power-on) and why QEMU stopped, if it did."""
+
+    values: dict[str, Any]
+    console: str
+    fatal: tuple[str, str] | None
+    reached_at: float | None
+    qemu_stopped: str | None
+
+
 def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float, kind: str = "report",
                systemd_version: int | None = None, console_copy: Path | None = None) -> BootReport:
     """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up:
-    from its report, or with `kind` "console" from a login prompt on its console. The whole console is also
-    written to `console_copy`. The report unit goes in the form `systemd_version` takes (both when not known)."""
+    from its report, or with `kind` "console" from a login prompt on its console; once more after an emulator fault
+    (qemu.emulator_fault). The whole console is also written to `console_copy`. The report unit goes in the form
+    `systemd_version` takes (both when not known)."""
     credentials = qemu.merge_credentials(vm.credentials, report_credentials(systemd_version))
     check_credentials_fit(credentials, systemd_version)
+    vm = dataclasses.replace(vm, credentials=credentials, reboot=False)
+    report = BootReport(ok=False, verdict="", boot=boot, verdict_kind=kind, firmware=vm.firmware,
+                        accelerator=qemu.accelerator().split(",")[0], image=image)
+    seen = observe(vm, kind, timeout)
+    if seen.reached_at is None and qemu.boot_again_after_emulator_fault(seen.console, vm.firmware):
+        seen = observe(vm, kind, timeout)
+    if console_copy is not None:
+        console_copy.expanduser().write_text(seen.console)
+    if seen.qemu_stopped is not None:
+        report.problem = f"QEMU stopped: {seen.qemu_stopped}"
+    return decide(report, seen.values, seen.console, seen.fatal, seen.reached_at, timeout)
+
+
+def observe(vm: qemu.VirtualMachine, kind: str, timeout: float) -> Observed:
+    """Boot `vm` once with its console and report ports on files, until the system reported its end (or, for a
+    console verdict, showed a login prompt), an app settled, QEMU stopped, a fatal console line had its grace, or
+    `timeout` seconds passed."""
     with lifecycle.temporary_directory("c2boot-test-") as tmp:
         console_log, report_log = tmp / "console.log", tmp / "report.log"
         console_log.touch()
         report_log.touch()
-        vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"],
-                                 credentials=credentials, reboot=False)
-        accelerator = qemu.accelerator()
-        report = BootReport(ok=False, verdict="", boot=boot, verdict_kind=kind, firmware=vm.firmware,
-                            accelerator=accelerator.split(",")[0], image=image)
+        vm = dataclasses.replace(vm, serial=[f"file:{console_log}", f"file:{report_log}"])
         with qemu.started(vm) as process:
             start = time.monotonic()
             reached_at: float | None = None
             fatal: tuple[str, str] | None = None
             fatal_at = 0.0
+            stopped: str | None = None
             while True:
                 elapsed = time.monotonic() - start
                 values = parse_report(report_log.read_text(errors="replace"))
@@ -293,8 +320,8 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
                 if "app_started" in values and reached_at is not None and elapsed - reached_at > APP_SETTLE_SECONDS:
                     break  # an app that keeps running (a server) is up
                 if process.poll() is not None:
-                    report.problem = "QEMU stopped: " + (
-                        (process.stderr.read().strip() if process.stderr else "") or "the guest powered off or reset")
+                    stopped = (process.stderr.read().strip() if process.stderr else "") or \
+                        "the guest powered off or reset"
                     break
                 if reached_at is None and fatal is None:
                     fatal = fatal_console_line(qemu.read_console(console_log))
@@ -302,10 +329,7 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
                 if fatal is not None and elapsed - fatal_at > GRACE_SECONDS:
                     break
                 time.sleep(0.5)
-            console = qemu.read_console(console_log)
-        if console_copy is not None:
-            console_copy.expanduser().write_text(console)
-        return decide(report, values, console, fatal, reached_at, timeout)
+        return Observed(values, qemu.read_console(console_log), fatal, reached_at, stopped)
 
 
 def decide(report: BootReport, values: dict[str, Any], console: str, fatal: tuple[str, str] | None,

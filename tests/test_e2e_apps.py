@@ -16,7 +16,8 @@ from typing import IO
 
 import pytest
 
-from tests.conftest import C2BOOT, boot_evidence, c2boot, emulator_fault
+from container2boot import qemu
+from tests.conftest import C2BOOT, boot_evidence, c2boot
 
 pytestmark = pytest.mark.slow
 DEBIAN = "docker.io/library/debian:trixie"
@@ -76,7 +77,7 @@ def collect(stream: IO[bytes], sink: list[bytes]) -> None:
 
 class Running:
     """`c2boot run` in the background, its console collected; started again once when the kernel crashed in its
-    own start-up (conftest.emulator_fault: a fault of QEMU's TCG, not of the disk)."""
+    own start-up (qemu.emulator_fault: a fault of QEMU's TCG, not of the disk)."""
 
     def __init__(self, *args: str | Path) -> None:
         self.args = [*C2BOOT, "run", *map(str, args)]
@@ -97,7 +98,7 @@ class Running:
         while time.monotonic() < deadline:
             if match := re.search(pattern, self.text()):
                 return match
-            if not self.restarted and emulator_fault(self.text()):
+            if not self.restarted and qemu.emulator_fault(self.text()):
                 warnings.warn("the kernel crashed in its own start-up, before it ran the initrd (a fault of "
                               "multi-threaded TCG): booting again", stacklevel=2)
                 self.stop()

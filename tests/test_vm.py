@@ -221,6 +221,53 @@ def test_a_console_verdict_needs_a_login_prompt_and_no_fatal_line() -> None:
     assert bootcheck.LOGIN_PROMPT.search("vm login: [   31.917277] powernow_k8: Power state transitions")
 
 
+# The fault of multi-threaded TCG seen in CI: an int3 that another vCPU had already patched away, before /init.
+EARLY_OOPS = """[    2.300000] Freeing unused kernel image (initmem) memory: 3916K
+[    2.541000] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI
+[    2.541100] RIP: 0010:sched_clock_cpu+0x9/0x1d0
+[    2.542389] Kernel panic - not syncing: Fatal exception in interrupt
+[    4.343582] ---[ end Kernel panic - not syncing: Fatal exception in interrupt ]---
+"""
+UP = "[    2.6] Run /init as init process\nWelcome to Debian GNU/Linux 13 (trixie)!"
+
+
+def test_only_a_kernel_fault_before_the_initrd_is_taken_for_the_emulators() -> None:
+    assert qemu.emulator_fault(EARLY_OOPS)
+    assert not qemu.emulator_fault("[    2.6] Run /init as init process\n" + EARLY_OOPS)  # the disk is in use
+    assert not qemu.emulator_fault("[    2.6] Run /init as init process\n[    9.0] Kernel panic - not syncing: VFS")
+    assert not qemu.emulator_fault(UP)
+
+
+def observation(console: str, reached_at: float | None = None) -> bootcheck.Observed:
+    values: dict[str, object] = {"failed": [], "avc": []}
+    if reached_at is not None:
+        values.update(reached="40.0", end="", target_state="active", state="running", default_target="graphical")
+    return bootcheck.Observed(values, console, bootcheck.fatal_console_line(console), reached_at, None)
+
+
+@pytest.mark.parametrize(("accel", "consoles", "boots", "ok"), [
+    ("tcg,thread=multi", [EARLY_OOPS, UP], 2, True),  # booted again, and up
+    ("tcg,thread=multi", [EARLY_OOPS, EARLY_OOPS, UP], 2, False),  # a second fault is reported, no third boot
+    ("kvm", [EARLY_OOPS, UP], 1, False),  # no emulator to blame
+])
+def test_the_test_boots_once_more_only_after_an_emulator_fault_under_tcg(
+        monkeypatch: pytest.MonkeyPatch, accel: str, consoles: list[str], boots: int, ok: bool) -> None:
+    monkeypatch.setenv("C2BOOT_QEMU_ACCEL", accel)
+    seen = iter(observation(console, 41.0 if console == UP else None) for console in consoles)
+    booted: list[VirtualMachine] = []
+
+    def observe(machine: VirtualMachine, kind: str, timeout: float) -> bootcheck.Observed:
+        booted.append(machine)
+        return next(seen)
+
+    monkeypatch.setattr(bootcheck, "observe", observe)
+    report = bootcheck.check_boot(VirtualMachine(Path("disk.img")), boot="disk", image="disk.img", timeout=300)
+    assert (len(booted), report.ok) == (boots, ok)
+    if not ok:
+        assert report.problem == "the kernel panicked (Kernel panic - not syncing: Fatal exception in interrupt)"
+        assert "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI" in "\n".join(report.console_tail)
+
+
 # What run and test boot ----------------------------------------------------------------------------------------
 
 
