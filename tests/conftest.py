@@ -3,19 +3,24 @@ tool is a failure, so CI can't pass without booting anything."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from container2boot.qemu import boot_until
+from container2boot import qemu
 
 C2BOOT = [sys.executable, "-m", "container2boot"]
 EXAMPLE_IMAGE = "localhost/container2boot/machine:latest"
@@ -36,10 +41,55 @@ def boot_evidence(disk: Path, pattern: str, firmware: str = "uefi", snapshot: bo
     """Boot `disk` in QEMU and return its serial console; fails unless the booted system printed `pattern`
     (a regex) within 300 s (boot_until boots once more after an emulator fault). With `snapshot` False the guest's
     writes reach `disk`."""
-    result = boot_until(disk, pattern, firmware=firmware, timeout=300, snapshot=snapshot)
+    result = qemu.boot_until(disk, pattern, firmware=firmware, timeout=300, snapshot=snapshot)
     assert result.matched, f"no evidence ({pattern}) under {firmware} after {result.seconds:.0f}s:\n" \
         f"{result.console[-3000:]}"
     return result.console
+
+
+def collect(stream: IO[bytes], sink: list[bytes]) -> None:
+    while chunk := stream.read1(4096):  # type: ignore[attr-defined]
+        sink.append(chunk)
+
+
+class Running:
+    """`c2boot run` in the background, its console collected; started again once when the kernel crashed in its
+    own start-up (qemu.emulator_fault: a fault of QEMU's TCG, not of the disk)."""
+
+    def __init__(self, *args: str | Path) -> None:
+        self.args = [*C2BOOT, "run", *map(str, args)]
+        self.restarted = False
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE)
+        self.console: list[bytes] = []
+        threading.Thread(target=collect, args=(self.process.stdout, self.console), daemon=True).start()
+
+    def text(self) -> str:
+        return b"".join(self.console).decode(errors="replace").replace("\r", "")
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := re.search(pattern, self.text()):
+                return match
+            if not self.restarted and qemu.emulator_fault(self.text()):
+                warnings.warn("the kernel crashed in its own start-up, before it ran the initrd (a fault of "
+                              "multi-threaded TCG): booting again", stacklevel=2)
+                self.stop()
+                self.restarted = True
+                self.start()
+                deadline = time.monotonic() + timeout
+                continue
+            assert self.process.poll() is None, f"QEMU ended before {pattern!r}:\n{self.text()[-3000:]}"
+            time.sleep(1)
+        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=60)
 
 
 @contextmanager

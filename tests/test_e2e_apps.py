@@ -3,21 +3,15 @@ Every verdict comes from the booted system: the app's own output on the console,
 through a forwarded port, the app's exit status, the init's and the kernel's own lines."""
 
 import json
-import re
-import signal
 import subprocess
-import threading
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import pytest
 
-from container2boot import qemu
-from tests.conftest import C2BOOT, boot_evidence, c2boot
+from tests.conftest import C2BOOT, Running, boot_evidence, c2boot
 
 pytestmark = pytest.mark.slow
 DEBIAN = "docker.io/library/debian:trixie"
@@ -68,51 +62,6 @@ CMD ["/bin/busybox", "sh", "-c", "echo batch: working; exit 3"]
 """)
     yield server, batch
     subprocess.run(["podman", "rmi", "--force", server, batch], check=False, capture_output=True)
-
-
-def collect(stream: IO[bytes], sink: list[bytes]) -> None:
-    while chunk := stream.read1(4096):  # type: ignore[attr-defined]
-        sink.append(chunk)
-
-
-class Running:
-    """`c2boot run` in the background, its console collected; started again once when the kernel crashed in its
-    own start-up (qemu.emulator_fault: a fault of QEMU's TCG, not of the disk)."""
-
-    def __init__(self, *args: str | Path) -> None:
-        self.args = [*C2BOOT, "run", *map(str, args)]
-        self.restarted = False
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE)
-        self.console: list[bytes] = []
-        threading.Thread(target=collect, args=(self.process.stdout, self.console), daemon=True).start()
-
-    def text(self) -> str:
-        return b"".join(self.console).decode(errors="replace").replace("\r", "")
-
-    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if match := re.search(pattern, self.text()):
-                return match
-            if not self.restarted and qemu.emulator_fault(self.text()):
-                warnings.warn("the kernel crashed in its own start-up, before it ran the initrd (a fault of "
-                              "multi-threaded TCG): booting again", stacklevel=2)
-                self.stop()
-                self.restarted = True
-                self.start()
-                deadline = time.monotonic() + timeout
-                continue
-            assert self.process.poll() is None, f"QEMU ended before {pattern!r}:\n{self.text()[-3000:]}"
-            time.sleep(1)
-        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
 
 
 def fetch(url: str, timeout: float = 60) -> str:

@@ -6,15 +6,13 @@ import json
 import re
 import subprocess
 import tarfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-from tests.conftest import C2BOOT, EXAMPLE_IMAGE, READY, c2boot, registry_digest, require_host_tools
+from tests.conftest import EXAMPLE_IMAGE, READY, Running, c2boot, registry_digest, require_host_tools
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +20,6 @@ pytestmark = pytest.mark.slow
 def boot_report(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(result.stdout)
     return data
-
-
-def collect(stream: IO[bytes], sink: list[bytes]) -> None:
-    while chunk := stream.read1(4096):  # type: ignore[attr-defined]
-        sink.append(chunk)
 
 
 def digest(path: Path) -> str:
@@ -151,20 +144,13 @@ def test_network_boot_from_a_server_on_127_0_0_1_reaches_multi_user(netboot_buil
 
 def test_run_puts_the_console_on_the_terminal_and_quits_on_ctrl_a_x(example_build: Path) -> None:
     before = digest(example_build / "disk.img")
-    process = subprocess.Popen([*C2BOOT, "run", str(example_build)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    console: list[bytes] = []
-    threading.Thread(target=collect, args=(process.stdout, console), daemon=True).start()
+    running = Running(example_build)
     try:
-        deadline = time.monotonic() + 300
-        while not re.search(READY.encode(), b"".join(console)) and time.monotonic() < deadline:
-            assert process.poll() is None, b"".join(console)[-2000:]
-            time.sleep(1)
-        assert re.search(READY.encode(), b"".join(console)), b"".join(console)[-2000:]
-        assert process.stdin is not None
-        process.stdin.write(b"\x01x")  # QEMU's escape: Ctrl-A X quits
-        process.stdin.flush()
-        assert process.wait(timeout=30) == 0
+        running.wait_for(READY)
+        assert running.process.stdin is not None
+        running.process.stdin.write(b"\x01x")  # QEMU's escape: Ctrl-A X quits
+        running.process.stdin.flush()
+        assert running.process.wait(timeout=30) == 0
     finally:
-        process.kill()
+        running.process.kill()
     assert digest(example_build / "disk.img") == before
