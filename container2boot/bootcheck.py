@@ -83,6 +83,7 @@ class BootReport:
     selinux: str | None = None  # enforcing, permissive or off, as the booted kernel says; None: not reported
     avc_denials: int = 0  # SELinux AVC denials during the boot
     avc_examples: list[str] = field(default_factory=list)  # the first of them
+    emulator_fault: str | None = None  # the fault of software emulation that ended a first boot, booted again
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +96,8 @@ class BootReport:
             lines.append("  " + ", ".join(f"{name.replace('_', ' ')} {value:.1f} s"
                                           for name, value in self.seconds.items()))
         lines += [f"  failed unit: {unit}" for unit in self.failed_units]
+        if self.emulator_fault:
+            lines.append(f"  booted twice: the first boot ended in a fault of the emulator ({self.emulator_fault})")
         if self.selinux not in (None, "off"):
             lines.append(f"  SELinux {self.selinux}")
         if self.avc_denials:
@@ -275,18 +278,21 @@ def check_boot(vm: qemu.VirtualMachine, *, boot: str, image: str, timeout: float
                systemd_version: int | None = None, console_copy: Path | None = None) -> BootReport:
     """Boot `vm` (its console and report ports are set here) and decide from the booted system whether it came up:
     from its report, or with `kind` "console" from a login prompt on its console; once more after an emulator fault
-    (qemu.emulator_fault). The whole console is also written to `console_copy`. The report unit goes in the form
-    `systemd_version` takes (both when not known)."""
+    (qemu.emulator_fault). The whole console (of both boots then) is also written to `console_copy`. The report
+    unit goes in the form `systemd_version` takes (both when not known)."""
     credentials = qemu.merge_credentials(vm.credentials, report_credentials(systemd_version))
     check_credentials_fit(credentials, systemd_version)
     vm = dataclasses.replace(vm, credentials=credentials, reboot=False)
     report = BootReport(ok=False, verdict="", boot=boot, verdict_kind=kind, firmware=vm.firmware,
                         accelerator=qemu.accelerator().split(",")[0], image=image)
     seen = observe(vm, kind, timeout)
-    if seen.reached_at is None and qemu.boot_again_after_emulator_fault(seen.console, vm.firmware):
+    console = seen.console
+    if seen.reached_at is None and (fault := qemu.boot_again_after(seen.console)):
+        report.emulator_fault = fault
         seen = observe(vm, kind, timeout)
+        console += f"\n[c2boot: booting again after the emulator's fault]\n{seen.console}"
     if console_copy is not None:
-        console_copy.expanduser().write_text(seen.console)
+        console_copy.expanduser().write_text(console)
     if seen.qemu_stopped is not None:
         report.problem = f"QEMU stopped: {seen.qemu_stopped}"
     return decide(report, seen.values, seen.console, seen.fatal, seen.reached_at, timeout)

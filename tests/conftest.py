@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 import urllib.request
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,8 +52,8 @@ def collect(stream: IO[bytes], sink: list[bytes]) -> None:
 
 
 class Running:
-    """`c2boot run` in the background, its console collected; started again once when the kernel crashed in its
-    own start-up (qemu.emulator_fault: a fault of QEMU's TCG, not of the disk)."""
+    """`c2boot run` in the background, its console collected; started again once after a fault of the emulator, as
+    `c2boot test` does (qemu.boot_again_after)."""
 
     def __init__(self, *args: str | Path) -> None:
         self.args = [*C2BOOT, "run", *map(str, args)]
@@ -75,9 +74,7 @@ class Running:
         while time.monotonic() < deadline:
             if match := re.search(pattern, self.text()):
                 return match
-            if not self.restarted and qemu.emulator_fault(self.text()):
-                warnings.warn("the kernel crashed in its own start-up, before it ran the initrd (a fault of "
-                              "multi-threaded TCG): booting again", stacklevel=2)
+            if not self.restarted and qemu.boot_again_after(self.text()):
                 self.stop()
                 self.restarted = True
                 self.start()

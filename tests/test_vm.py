@@ -231,11 +231,12 @@ EARLY_OOPS = """[    2.300000] Freeing unused kernel image (initmem) memory: 391
 UP = "[    2.6] Run /init as init process\nWelcome to Debian GNU/Linux 13 (trixie)!"
 
 
-def test_only_a_kernel_fault_before_the_initrd_is_taken_for_the_emulators() -> None:
-    assert qemu.emulator_fault(EARLY_OOPS)
-    assert not qemu.emulator_fault("[    2.6] Run /init as init process\n" + EARLY_OOPS)  # the disk is in use
-    assert not qemu.emulator_fault("[    2.6] Run /init as init process\n[    9.0] Kernel panic - not syncing: VFS")
-    assert not qemu.emulator_fault(UP)
+def test_only_a_trap_on_just_patched_kernel_code_is_taken_for_the_emulators_fault() -> None:
+    assert qemu.emulator_fault(EARLY_OOPS) == "[    2.541000] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+    assert qemu.emulator_fault("[    3.1] int3: 0000 [#1] PREEMPT SMP NOPTI\n")  # Linux 6.1's words
+    assert qemu.emulator_fault("[    2.0] Kernel panic - not syncing: VFS: Unable to mount root fs") is None
+    assert qemu.emulator_fault("[    9.0] general protection fault, probably for non-canonical address") is None
+    assert qemu.emulator_fault(UP) is None
 
 
 def observation(console: str, reached_at: float | None = None) -> bootcheck.Observed:
@@ -251,7 +252,8 @@ def observation(console: str, reached_at: float | None = None) -> bootcheck.Obse
     ("kvm", [EARLY_OOPS, UP], 1, False),  # no emulator to blame
 ])
 def test_the_test_boots_once_more_only_after_an_emulator_fault_under_tcg(
-        monkeypatch: pytest.MonkeyPatch, accel: str, consoles: list[str], boots: int, ok: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, accel: str, consoles: list[str], boots: int,
+        ok: bool) -> None:
     monkeypatch.setenv("C2BOOT_QEMU_ACCEL", accel)
     seen = iter(observation(console, 41.0 if console == UP else None) for console in consoles)
     booted: list[VirtualMachine] = []
@@ -261,8 +263,13 @@ def test_the_test_boots_once_more_only_after_an_emulator_fault_under_tcg(
         return next(seen)
 
     monkeypatch.setattr(bootcheck, "observe", observe)
-    report = bootcheck.check_boot(VirtualMachine(Path("disk.img")), boot="disk", image="disk.img", timeout=300)
+    report = bootcheck.check_boot(VirtualMachine(Path("disk.img")), boot="disk", image="disk.img", timeout=300,
+                                  console_copy=tmp_path / "console.log")
     assert (len(booted), report.ok) == (boots, ok)
+    assert (tmp_path / "console.log").read_text().count("Oops: int3") == (boots if not ok else boots - 1)
+    if boots == 2:
+        assert report.emulator_fault == "[    2.541000] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+        assert "booted twice: the first boot ended in a fault of the emulator" in report.summary()
     if not ok:
         assert report.problem == "the kernel panicked (Kernel panic - not syncing: Fatal exception in interrupt)"
         assert "Oops: int3: 0000 [#1] PREEMPT SMP NOPTI" in "\n".join(report.console_tail)
