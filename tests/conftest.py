@@ -27,6 +27,12 @@ EXAMPLE_IMAGE = "localhost/container2boot/machine:latest"
 READY = r"container2boot: reached multi-user\.target, root filesystem overlay"
 
 
+def in_either_order(first: str, second: str) -> str:
+    """A regex for two console lines that race: the ready line and the serial getty's prompt come in either order
+    (seen in CI: "c2boot-demo login: container2boot: reached multi-user.target, ...")."""
+    return rf"{first}[\s\S]*{second}|{second}[\s\S]*{first}"
+
+
 def c2boot(*args: str | Path, check: bool = True, cwd: Path | None = None,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*C2BOOT, *map(str, args)], capture_output=True, text=True, cwd=cwd,

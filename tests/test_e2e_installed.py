@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from container2boot.disk import MiB, read_table
-from tests.conftest import EXAMPLE_IMAGE, assert_rebuilt_identically, boot_evidence, c2boot
+from tests.conftest import EXAMPLE_IMAGE, assert_rebuilt_identically, boot_evidence, c2boot, in_either_order
 
 pytestmark = pytest.mark.slow
 ROOT_TYPE = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # the discoverable x86-64 root partition type
@@ -29,7 +29,7 @@ def installed_build(example_build: Path, tmp_path_factory: pytest.TempPathFactor
 
 def boot_writable(disk: Path, firmware: str) -> tuple[str, str, int, int]:
     """Boot `disk` letting the guest write to it; returns (fstype, mode, size MiB, boot count) as it reported."""
-    console = boot_evidence(disk, READY.pattern + r"[\s\S]*login:", firmware, snapshot=False)
+    console = boot_evidence(disk, in_either_order(READY.pattern, "login:"), firmware, snapshot=False)
     match = READY.search(console)
     assert match is not None
     return match.group(1), match.group(2), int(match.group(3)), int(match.group(4))
